@@ -1,0 +1,306 @@
+"""One relaxation loop for every phase (THEORY §1.2, 1.3, 1.7, 1.8, 1.12; §5).
+
+The leaky-integrator / Langevin update (BF-1 with the nudge of BF-9)::
+
+    s <- s + eps * (R(s) - s) - c * beta * dC/ds + sqrt(2 eps T) * xi
+
+with c = eps (``nudge_scale="eps"``, EP17 eq. 42, the default) or c = 1 (``"none"``,
+ER19), optional projection onto the rate's bounds (EP17 eq. 43), and clamped layers left
+untouched. Free phase: beta = 0. Nudged phase: beta != 0 (either sign, or one per example).
+Noisy phase: T > 0. Newton polishing of fixed points lives in :func:`polish`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from earlyprop.cost import Cost, SquaredError
+from earlyprop.network import Network, State
+
+NUDGE_SCALES = ("eps", "none")
+
+
+class DivergenceError(FloatingPointError):
+    """The state became non-finite during a relaxation."""
+
+
+@dataclass
+class Diagnostics:
+    """What a relaxation did: steps taken, final residual max|ds/dt| (noise excluded),
+    whether ``tol`` was met, and, on request, the energy trace and the trajectory."""
+
+    steps: int
+    residual: float
+    converged: bool
+    energy: list[float] | None = None
+    trajectory: list[State] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Nudge:
+    """The outside driving force beta * dC/dy on the driven layer (BF-9).
+
+    ``beta`` is a float or a tensor of one value per example (random-sign EP).
+    """
+
+    beta: float | Tensor
+    target: Tensor
+    cost: Cost = SquaredError()
+
+    def force(self, y: Tensor) -> Tensor:
+        beta = self.beta[:, None] if isinstance(self.beta, Tensor) else self.beta
+        return beta * self.cost.grad(y, self.target)
+
+    def value(self, y: Tensor) -> Tensor:
+        beta = self.beta if isinstance(self.beta, Tensor) else torch.as_tensor(self.beta)
+        return beta * self.cost.value(y, self.target)
+
+
+def make_nudge(beta: float | Tensor, target: Tensor | None, cost: Cost | None) -> Nudge | None:
+    """A Nudge, or None when beta is zero (free phase)."""
+    if isinstance(beta, Tensor):
+        if not torch.isfinite(beta).all():
+            raise ValueError("beta contains NaN or inf")
+        if not bool((beta != 0).any()):
+            return None
+    else:
+        if not math.isfinite(beta):
+            raise ValueError(f"beta must be finite, got {beta}")
+        if beta == 0:
+            return None
+    if target is None:
+        raise ValueError("a nudged phase (beta != 0) needs a target")
+    if not torch.isfinite(target.float() if not target.is_floating_point() else target).all():
+        raise ValueError("target contains NaN or inf")
+    return Nudge(beta, target, cost or SquaredError())
+
+
+def internal_force(network: Network, state: Sequence[Tensor], rho_prime_factor: bool = True) -> list[Tensor | None]:
+    """-dE/ds = R(s) - s on free layers (BF-3); None on clamped layers.
+
+    ``rho_prime_factor=False`` gives the textbook leaky integrator b + W rho(s) - s, which is
+    not a gradient flow (THEORY A6): an ablation only.
+    """
+    fields = network.fields(state)
+    out: list[Tensor | None] = [None] * len(state)
+    for layer in network.free:
+        drive = fields[layer] * network.rhos[layer].rho_prime(state[layer]) if rho_prime_factor else fields[layer]
+        out[layer] = drive - state[layer]
+    return out
+
+
+def relax(
+    network: Network,
+    state: Sequence[Tensor],
+    *,
+    steps: int,
+    eps: float,
+    beta: float | Tensor = 0.0,
+    target: Tensor | None = None,
+    cost: Cost | None = None,
+    temperature: float = 0.0,
+    noise_std: float | None = None,
+    generator: torch.Generator | None = None,
+    project: bool = False,
+    nudge_scale: str = "eps",
+    tol: float | None = None,
+    check_every: int = 10,
+    fixed_layers: Sequence[int] = (),
+    rho_prime_factor: bool = True,
+    record_energy: bool = False,
+    record_trajectory: bool = False,
+    differentiable: bool = False,
+) -> tuple[State, Diagnostics]:
+    """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
+
+    Parameters
+    ----------
+    steps : maximum number of Euler steps.
+    eps : time step Delta t / tau (> 0).
+    beta, target, cost : the nudge (BF-9); beta = 0 is the free phase.
+    temperature : Langevin temperature T >= 0; the noise variance is 2 eps T (THEORY A4).
+        ``noise_std`` overrides the per-step standard deviation.
+    generator : seeded torch.Generator for the noise. Two chains given generators with the
+        same seed see the same noise (common random numbers, T12).
+    project : clip each layer onto its rate's bounds after every step (EP17 eq. 43).
+    nudge_scale : ``"eps"`` (EP17 eq. 42) or ``"none"`` (ER19), THEORY A1.
+    tol : stop once the residual max|ds/dt| is <= tol (checked every ``check_every`` steps).
+    fixed_layers : free layers held at their current value (e.g. a clamped output).
+    record_energy : keep mean_batch F(s) = E + beta C after every step.
+    record_trajectory : keep a copy of the state after every step (memory O(steps)).
+    differentiable : keep the autograd graph through the steps (truncated BPTT references);
+        by default the loop runs under ``torch.no_grad``.
+
+    Raises
+    ------
+    ValueError on bad arguments; DivergenceError when the state becomes non-finite.
+    """
+    _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std)
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        nudge = make_nudge(beta, target, cost)
+        sigma = noise_std if noise_std is not None else math.sqrt(2.0 * eps * temperature)
+        nudge_factor = eps if nudge_scale == "eps" else 1.0
+        moving = [layer for layer in network.free if layer not in set(fixed_layers)]
+        bounds = {layer: network.rhos[layer].bounds if project else None for layer in moving}
+
+        s = list(state) if differentiable else [t.detach().clone() for t in state]
+        energy = [_mean_free_energy(network, s, nudge)] if record_energy else None
+        trajectory = [list(s) if differentiable else [t.clone() for t in s]] if record_trajectory else None
+        residual, converged, step = math.inf, False, 0
+        for step in range(1, steps + 1):
+            force = internal_force(network, s, rho_prime_factor)
+            deltas = {layer: eps * force[layer] for layer in moving}
+            if nudge is not None and network.driven in deltas:
+                deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
+            measure = tol is not None and (step % check_every == 0 or step == steps)
+            if measure:
+                residual = _residual(s, deltas, bounds, eps)
+            for layer, delta in deltas.items():
+                if sigma > 0:
+                    delta = delta + sigma * torch.randn(delta.shape, generator=generator, dtype=delta.dtype,
+                                                        device=delta.device)
+                new = s[layer] + delta
+                lo_hi = bounds[layer]
+                s[layer] = new.clamp(*lo_hi) if lo_hi is not None else new
+            if step % check_every == 0 or step == steps:
+                _check_finite(s, moving, step, eps, beta)
+            if record_energy:
+                energy.append(_mean_free_energy(network, s, nudge))
+            if record_trajectory:
+                trajectory.append(list(s) if differentiable else [t.clone() for t in s])
+            if measure and residual <= tol:
+                converged = True
+                break
+        if tol is None or not converged:
+            residual = _current_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor)
+            converged = tol is not None and residual <= tol
+        return s, Diagnostics(step, residual, converged, energy, trajectory)
+
+
+def residual(
+    network: Network, state: Sequence[Tensor], beta: float | Tensor = 0.0, target: Tensor | None = None,
+    cost: Cost | None = None,
+) -> float:
+    """max over free units of |dF/ds| = |R(s) - s - beta dC/ds| (THEORY A11)."""
+    nudge = make_nudge(beta, target, cost)
+    bounds = {layer: None for layer in network.free}
+    with torch.no_grad():
+        return _current_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)
+
+
+def _current_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor) -> float:
+    force = internal_force(network, s, rho_prime_factor)
+    deltas = {layer: eps * force[layer] for layer in moving}
+    if nudge is not None and network.driven in deltas:
+        deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
+    return _residual(s, deltas, bounds, eps)
+
+
+def _residual(s, deltas, bounds, eps) -> float:
+    worst = 0.0
+    for layer, delta in deltas.items():
+        lo_hi = bounds[layer]
+        step = (s[layer] + delta).clamp(*lo_hi) - s[layer] if lo_hi is not None else delta
+        worst = max(worst, float(step.abs().max()) / eps) if step.numel() else worst
+    return worst
+
+
+def _mean_free_energy(network: Network, s: State, nudge: Nudge | None) -> float:
+    e = network.energy(s)
+    if nudge is not None:
+        e = e + nudge.value(s[network.driven])
+    return float(e.mean())
+
+
+def _check_finite(s: State, moving: Sequence[int], step: int, eps: float, beta) -> None:
+    if all(bool(torch.isfinite(s[layer]).all()) for layer in moving):
+        return
+    beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
+    raise DivergenceError(
+        f"relaxation diverged: non-finite state by step {step} (eps={eps:g}, beta={beta_text}); "
+        "reduce eps (stable when eps < 2/lambda_max(H)) or beta"
+    )
+
+
+def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std) -> None:
+    if not isinstance(eps, int | float) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature T must be >= 0, got {temperature!r}")
+    if noise_std is not None and (not math.isfinite(noise_std) or noise_std < 0):
+        raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every!r}")
+    if nudge_scale not in NUDGE_SCALES:
+        raise ValueError(f"nudge_scale must be one of {NUDGE_SCALES}, got {nudge_scale!r}")
+    network.check_state(state)
+
+
+# --------------------------------------------------------------------------- Newton polish
+def polish(
+    network: Network,
+    state: Sequence[Tensor],
+    *,
+    beta: float | Tensor = 0.0,
+    target: Tensor | None = None,
+    cost: Cost | None = None,
+    tol: float = 1e-13,
+    max_iter: int = 50,
+) -> tuple[State, Diagnostics]:
+    """Newton's method on dF/ds = 0 per example (THEORY A11); for float64 theory experiments.
+
+    Start from a state already near a stable fixed point (e.g. after :func:`relax`).
+    """
+    network.check_state(state)
+    nudge = make_nudge(beta, target, cost)
+    free = list(network.free)
+    s = [t.detach().clone() for t in state]
+    it, res = 0, residual(network, s, beta, target, cost)
+    while res > tol and it < max_iter:
+        grads = _force_gradient(network, s, nudge)
+        hess = _hessian(network, s, nudge)
+        step = torch.linalg.solve(hess, grads.unsqueeze(-1)).squeeze(-1)
+        offset = 0
+        for layer in free:
+            n = network.sizes[layer]
+            s[layer] = s[layer] - step[:, offset:offset + n]
+            offset += n
+        it += 1
+        res = residual(network, s, beta, target, cost)
+        if not math.isfinite(res):
+            raise DivergenceError(f"Newton polishing diverged at iteration {it}; relax closer to the fixed point")
+    return s, Diagnostics(it, res, res <= tol)
+
+
+def _force_gradient(network: Network, s: State, nudge: Nudge | None) -> Tensor:
+    g = network.grad_energy(s)
+    if nudge is not None:
+        g[network.driven] = g[network.driven] + nudge.force(s[network.driven])
+    return torch.cat([g[layer] for layer in network.free], dim=-1)
+
+
+def _hessian(network: Network, s: State, nudge: Nudge | None) -> Tensor:
+    """Per-example Hessian of F w.r.t. the free state, shape (batch, n_free, n_free)."""
+    free = list(network.free)
+    flat = torch.cat([s[layer] for layer in free], dim=-1).detach().requires_grad_(True)
+    with torch.enable_grad():
+        parts = list(s)
+        offset = 0
+        for layer in free:
+            n = network.sizes[layer]
+            parts[layer] = flat[:, offset:offset + n]
+            offset += n
+        g = _force_gradient(network, parts, nudge)
+        rows = []
+        for i in range(g.shape[1]):
+            (row,) = torch.autograd.grad(g[:, i].sum(), flat, retain_graph=True)
+            rows.append(row)
+    # examples are independent, so d g[b, i] / d flat[b', j] vanishes for b != b'
+    return torch.stack(rows, dim=1)

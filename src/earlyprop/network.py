@@ -1,0 +1,222 @@
+"""The energy-based network: layers, symmetric interactions, energy, drive and gradients.
+
+A state is a list of per-layer tensors, batch first, with the clamped input at index 0.
+The network stores parameters only; it never stores a state between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from earlyprop.interactions import Dense, Interaction, Lateral, gaussian_fan_in, glorot_uniform
+from earlyprop.nonlinearity import Nonlinearity, get_nonlinearity
+
+State = list[Tensor]
+
+
+class Network(nn.Module):
+    """A set of layers coupled by symmetric interaction terms (THEORY §1.4–1.6).
+
+    Energy (BF-4), per example::
+
+        E(s) = 1/2 sum_l ||s_l||^2 - sum_terms rho^T W rho - sum_l b_l^T rho(s_l)
+
+    where the first and last sums run over the free (unclamped) layers.
+
+    Parameters
+    ----------
+    sizes : unit count of each layer; layer 0 is the input.
+    interactions : the energy's interaction terms (``Dense``, ``Lateral``, ...).
+    rhos : one nonlinearity per layer.
+    clamped : indices of clamped (input) layers.
+    driven : index of the layer that receives the outside driving force (THEORY A3).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        interactions: Iterable[Interaction],
+        rhos: Sequence[Nonlinearity | str],
+        clamped: Sequence[int] = (0,),
+        driven: int = -1,
+    ):
+        super().__init__()
+        self.sizes = tuple(int(n) for n in sizes)
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"a network needs at least two layers of positive size, got sizes={list(sizes)}")
+        if len(rhos) != len(self.sizes):
+            raise ValueError(f"{len(rhos)} nonlinearities given for {len(self.sizes)} layers")
+        self.rhos = [get_nonlinearity(r) for r in rhos]
+        self.clamped = tuple(sorted(i % len(self.sizes) for i in clamped))
+        self.free = tuple(i for i in range(len(self.sizes)) if i not in self.clamped)
+        self.driven = driven % len(self.sizes)
+        if self.driven in self.clamped:
+            raise ValueError(f"the driven layer {self.driven} cannot be clamped")
+        self.interactions = nn.ModuleList(interactions)
+        for term in self.interactions:
+            if any(not 0 <= i < len(self.sizes) for i in term.layers):
+                raise ValueError(f"interaction {term} refers to a layer outside 0..{len(self.sizes) - 1}")
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.zeros(self.sizes[i], dtype=torch.float64)) for i in self.free]
+        )
+        self._bias_of = {layer: k for k, layer in enumerate(self.free)}
+
+    @classmethod
+    def layered(
+        cls,
+        sizes: Sequence[int],
+        rho: Nonlinearity | str = "tanh",
+        *,
+        input_rho: Nonlinearity | str | None = None,
+        output_rho: Nonlinearity | str | None = None,
+        skip: Iterable[tuple[int, int]] = (),
+        lateral: Iterable[int] = (),
+        init: str = "glorot",
+        gain: float = 1.0,
+        bias_std: float = 0.0,
+        seed: int | None = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> Network:
+        """The seed's layered chain x - h_L - ... - h_1 - y, optionally with skip or lateral terms.
+
+        ``init`` is ``"glorot"`` (EP17) or ``"gaussian"`` (N(0, gain^2/fan_in), THEORY RC);
+        lateral matrices start at zero. ``input_rho``/``output_rho`` default to ``rho``
+        (``output_rho="linear"`` gives the linear output of THEORY A8).
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        pairs = [(i, i + 1) for i in range(len(sizes) - 1)] + [tuple(p) for p in skip]
+        terms: list[Interaction] = []
+        for pre, post in pairs:
+            if init == "glorot":
+                w = glorot_uniform(sizes[post], sizes[pre], gen) * gain
+            elif init == "gaussian":
+                w = gaussian_fan_in(sizes[post], sizes[pre], gain, gen)
+            else:
+                raise ValueError(f"unknown init {init!r}; choose 'glorot' or 'gaussian'")
+            terms.append(Dense(pre, post, sizes[pre], sizes[post], w))
+        terms += [Lateral(layer, sizes[layer], torch.zeros(sizes[layer], sizes[layer])) for layer in lateral]
+        rhos: list[Nonlinearity | str] = [rho] * len(sizes)
+        rhos[0] = input_rho if input_rho is not None else rho
+        rhos[-1] = output_rho if output_rho is not None else rho
+        net = cls(sizes, terms, rhos)
+        if bias_std > 0:
+            with torch.no_grad():
+                for b in net.biases:
+                    b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * bias_std)
+        return net.to(dtype)
+
+    # ----------------------------------------------------------------- state helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.biases[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.biases[0].device
+
+    def bias(self, layer: int) -> Tensor:
+        return self.biases[self._bias_of[layer]]
+
+    def init_state(self, x: Tensor | Sequence[Tensor]) -> State:
+        """The resting state s = 0 with the input(s) clamped; ``x`` is one tensor per clamped layer."""
+        xs = [x] if isinstance(x, Tensor) else list(x)
+        if len(xs) != len(self.clamped):
+            raise ValueError(f"expected {len(self.clamped)} clamped input tensor(s), got {len(xs)}")
+        batch = None
+        for layer, xi in zip(self.clamped, xs):
+            self._check_layer_tensor(xi, layer, "input")
+            batch = xi.shape[0] if batch is None else batch
+            if xi.shape[0] != batch:
+                raise ValueError("all clamped inputs must have the same batch size")
+        state: State = [None] * len(self.sizes)  # type: ignore[list-item]
+        for layer, xi in zip(self.clamped, xs):
+            state[layer] = xi.to(self.dtype)
+        for layer in self.free:
+            state[layer] = torch.zeros(batch, self.sizes[layer], dtype=self.dtype, device=self.device)
+        return state
+
+    def check_state(self, state: Sequence[Tensor]) -> None:
+        """Raise ValueError on a state of the wrong length, shape or with non-finite values."""
+        if len(state) != len(self.sizes):
+            raise ValueError(f"state has {len(state)} layers, network has {len(self.sizes)}")
+        batch = state[0].shape[0] if state[0].dim() else None
+        for layer, s in enumerate(state):
+            self._check_layer_tensor(s, layer, "state")
+            if s.shape[0] != batch:
+                raise ValueError(f"state layer {layer} has batch size {s.shape[0]}, layer 0 has {batch}")
+
+    def _check_layer_tensor(self, t: Tensor, layer: int, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what} of layer {layer} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != self.sizes[layer]:
+            raise ValueError(
+                f"{what} of layer {layer} has shape {tuple(t.shape)}, expected (batch, {self.sizes[layer]})"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{what} of layer {layer} contains NaN or inf")
+
+    # ----------------------------------------------------------------- the energy
+    def rates(self, state: Sequence[Tensor]) -> list[Tensor]:
+        """rho_l(s_l) for every layer."""
+        return [rho.rho(s) for rho, s in zip(self.rhos, state)]
+
+    def fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None) -> list[Tensor | None]:
+        """h_l = b_l + sum_j W_lj rho(s_j) = -dE/d rho(s_l) for free layers (None for clamped ones)."""
+        rates = self.rates(state) if rates is None else list(rates)
+        out: list[Tensor | None] = [None] * len(self.sizes)
+        for layer in self.free:
+            out[layer] = self.bias(layer).expand_as(state[layer])
+        for term in self.interactions:
+            for layer, field in term.fields(rates).items():
+                if out[layer] is not None:
+                    out[layer] = out[layer] + field
+        return out
+
+    def energy(self, state: Sequence[Tensor]) -> Tensor:
+        """E(s) per example, shape (batch,) (BF-4)."""
+        rates = self.rates(state)
+        e = sum(0.5 * (state[i] ** 2).sum(-1) - (rates[i] * self.bias(i)).sum(-1) for i in self.free)
+        for term in self.interactions:
+            e = e + term.energy(rates)
+        return e
+
+    def drive(self, state: Sequence[Tensor]) -> list[Tensor]:
+        """R_l(s) = rho'(s_l) * h_l (BF-5); clamped layers return their own state (no motion)."""
+        fields = self.fields(state)
+        return [
+            s if h is None else rho.rho_prime(s) * h for s, h, rho in zip(state, fields, self.rhos)
+        ]
+
+    def grad_energy(self, state: Sequence[Tensor]) -> list[Tensor]:
+        """dE/ds = s - R(s) (BF-3); zero on clamped layers."""
+        return [s - r for s, r in zip(state, self.drive(state))]
+
+    def energy_param_grads(self, state: Sequence[Tensor]) -> list[Tensor]:
+        """d(mean_batch E)/d theta in closed form, aligned with ``self.parameters()``."""
+        rates = self.rates(state)
+        grads: dict[int, Tensor] = {}
+        for term in self.interactions:
+            for p, g in zip(term.parameters(), term.param_grads(rates)):
+                grads[id(p)] = g
+        for layer in self.free:
+            grads[id(self.bias(layer))] = -rates[layer].mean(0)
+        return [grads[id(p)] for p in self.parameters()]
+
+    def layered_pairs(self) -> list[Dense]:
+        """The Dense terms between consecutive layers, in input-to-output order."""
+        return [t for t in self.interactions if isinstance(t, Dense) and t.post == t.pre + 1]
+
+    def extra_repr(self) -> str:
+        rhos = ",".join(r.name for r in self.rhos)
+        return f"sizes={list(self.sizes)}, rhos=[{rhos}], clamped={self.clamped}, driven={self.driven}"
+
+
+def detach_state(state: Sequence[Tensor]) -> State:
+    return [s.detach().clone() for s in state]
+
+
+def lateral_terms(network: Network) -> list[Lateral]:
+    return [t for t in network.interactions if isinstance(t, Lateral)]
