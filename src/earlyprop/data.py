@@ -22,7 +22,7 @@ DATA_DIR_ENV = "EARLYPROP_DATA_DIR"
 DEFAULT_DATA_DIR = Path("data")
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 
-_NO_DOWNLOAD = "earlyprop does not download data"
+_NO_DOWNLOAD = "earlyprop does not download data; pass data_dir or set EARLYPROP_DATA_DIR"
 _IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -281,12 +281,10 @@ def _load_idx_dataset(key: str, root: Path) -> Dataset:
                 f"{key}: {', '.join(missing)} not found in {dirpath.resolve()} (plain, .gz or .gz.partNN); "
                 f"place the four original idx files there ({_NO_DOWNLOAD})"
             )
-        arrays = {
-            base: _parse_idx(data, str(dirpath / base), 3 if "images" in base else 1)
+        x_tr, y_tr, x_te, y_te = (
+            _parse_idx(data, str(dirpath / base), 3 if "images" in base else 1)
             for base, data in contents.items()
-            if data is not None
-        }
-        x_tr, y_tr, x_te, y_te = (arrays[base] for base in _IDX_FILES)
+        )
         if x_tr.shape[1:] != x_te.shape[1:]:
             raise DataError(f"{key}: train images are {x_tr.shape[1:]} but test images are {x_te.shape[1:]}")
         return _u8_dataset(key, x_tr, y_tr, x_te, y_te, image_shape=(1, *x_tr.shape[1:]))
@@ -321,11 +319,10 @@ def _load_cifar10(root: Path) -> Dataset:
             f"cifar10: test_batch.bin not found in {' or '.join(str(d.resolve()) for d in candidates)}; "
             f"extract the CIFAR-10 binary version (cifar-10-binary.tar.gz) there ({_NO_DOWNLOAD})"
         )
-    missing = [f for f in _CIFAR_FILES if not (dirpath / f).is_file()]
-    if missing:
-        raise DataError(f"cifar10: {', '.join(missing)} missing in {dirpath.resolve()} ({_NO_DOWNLOAD})")
     records = {}
     for fname in _CIFAR_FILES:
+        if not (dirpath / fname).is_file():
+            raise DataError(f"cifar10: {fname} missing in {dirpath.resolve()} ({_NO_DOWNLOAD})")
         raw = _read_bytes(dirpath / fname)
         if not raw or len(raw) % _CIFAR_RECORD:
             raise DataError(

@@ -206,7 +206,7 @@ def _residual(s, deltas, bounds, eps) -> float:
     for layer, delta in deltas.items():
         lo_hi = bounds[layer]
         step = (s[layer] + delta).clamp(*lo_hi) - s[layer] if lo_hi is not None else delta
-        worst = max(worst, float(step.abs().max()) / eps) if step.numel() else worst
+        worst = max(worst, float(step.detach().abs().max()) / eps) if step.numel() else worst
     return worst
 
 

@@ -18,7 +18,12 @@ from earlyprop.data import (
 )
 
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 needs_mnist = pytest.mark.skipif(
     not (MNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
     reason=f"real MNIST not available at {MNIST_DIR}",
@@ -78,7 +83,7 @@ def test_validation_split_sizes_disjoint_and_seeded(validation, n_val):
     ds = load_dataset("digits", validation=validation, seed=1)
     assert len(ds.x_val) == len(ds.y_val) == n_val
     assert len(ds.x_train) == 1437 - n_val
-    # Rows of digits are not all unique, so check disjointness via the full set's row identity.
+    # Map rows back to positions in the full training set (its rows are all distinct, asserted below).
     rows = {row.tobytes(): i for i, row in enumerate(full.x_train)}
     assert len(rows) == len(full.x_train)
     tr = {rows[r.tobytes()] for r in ds.x_train}
