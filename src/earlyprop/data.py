@@ -8,6 +8,7 @@ as a one-line :class:`DataError`.
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import zlib
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 _IDX_SUBDIRS = {"mnist": ("mnist", "MNIST/raw"), "fashion-mnist": ("fashion-mnist", "FashionMNIST/raw")}
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _CIFAR_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
 _CIFAR_RECORD = 1 + 3 * 32 * 32
 
@@ -61,9 +63,7 @@ class Dataset:
         for split, (x, y) in splits.items():
             validate_arrays(x, y, self.n_classes, name=f"{self.name} {split}")
             if x.shape[1] != self.n_features:
-                raise DataError(
-                    f"{self.name}: {split} set has {x.shape[1]} features, train {self.n_features}"
-                )
+                raise DataError(f"{self.name}: {split} has {x.shape[1]} features, train {self.n_features}")
         if int(np.prod(self.image_shape)) != self.n_features:
             raise DataError(f"{self.name}: image_shape {self.image_shape} != {self.n_features} features")
 
@@ -153,7 +153,7 @@ def load_dataset(
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     key = str(name).strip().lower().replace("_", "-")
     if key.endswith(".npz"):
-        dataset = _load_npz(_find_npz(Path(str(name)).expanduser(), root))
+        dataset = _load_npz(Path(str(name)).expanduser(), root)
     elif key == "digits":
         dataset = _load_digits()
     elif key in _IDX_SUBDIRS:
@@ -335,23 +335,19 @@ def _load_cifar10(root: Path) -> Dataset:
     return _u8_dataset("cifar10", train[:, 1:], train[:, 0], test[:, 1:], test[:, 0], image_shape=(3, 32, 32))
 
 
-def _find_npz(path: Path, root: Path) -> Path:
-    if path.is_file():
-        return path
-    if not path.is_absolute() and (root / path).is_file():
-        return root / path
-    raise DataError(f"npz file {path.resolve()} not found (also tried {(root / path).resolve()})")
-
-
-def _load_npz(path: Path) -> Dataset:
+def _load_npz(path: Path, root: Path) -> Dataset:
+    if not path.is_file() and not path.is_absolute() and (root / path).is_file():
+        path = root / path
+    if not path.is_file():
+        raise DataError(
+            f"npz file {path.resolve()} not found (relative paths are also tried in {root.resolve()})"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            missing = [k for k in _NPZ_KEYS if k not in f.files]
             if missing:
-                raise DataError(
-                    f"{path}: missing key(s) {', '.join(missing)}; found {', '.join(f.files) or 'none'}"
-                )
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+                raise DataError(f"{path}: missing key(s) {', '.join(missing)}; it has {', '.join(f.files)}")
+            arrays = {k: f[k] for k in _NPZ_KEYS}
     except DataError:
         raise
     except (OSError, ValueError) as exc:
@@ -361,9 +357,7 @@ def _load_npz(path: Path) -> Dataset:
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim < 2 or x.shape[0] == 0 or x.size == 0:
-            raise DataError(
-                f"{path}: x_{split} must be a non-empty array of shape (n, features...), got {x.shape}"
-            )
+            raise DataError(f"{path}: x_{split} must be non-empty with shape (n, features...), got {x.shape}")
         flat[split] = x.reshape(len(x), -1)
         validate_arrays(flat[split], y, name=f"{path} {split}")
     x_tr, x_te = flat["train"], flat["test"]
@@ -391,14 +385,14 @@ def _split_validation(dataset: Dataset, validation: int | float, seed: int) -> D
     from sklearn.model_selection import train_test_split
 
     n = len(dataset.y_train)
-    if isinstance(validation, bool) or not isinstance(validation, (int, float)):
+    if isinstance(validation, bool) or not isinstance(validation, numbers.Real):
         raise DataError(f"validation must be an int count or a float fraction, got {validation!r}")
+    # Normalise numpy scalars: sklearn reads int as a count and float as a fraction.
+    validation = int(validation) if isinstance(validation, numbers.Integral) else float(validation)
     if isinstance(validation, float) and not 0 < validation < 1:
         raise DataError(f"validation fraction must be in (0, 1), got {validation}")
     if isinstance(validation, int) and not 0 < validation < n:
-        raise DataError(
-            f"validation count must be between 1 and {n - 1} (training set size - 1), got {validation}"
-        )
+        raise DataError(f"validation count must be between 1 and {n - 1} (train size - 1), got {validation}")
     try:
         tr, va = train_test_split(
             np.arange(n), test_size=validation, stratify=dataset.y_train, random_state=seed

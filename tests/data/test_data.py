@@ -77,7 +77,7 @@ def test_digits_split_is_deterministic_and_independent_of_seed():
 # --- validation split --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("validation, n_val", [(200, 200), (0.1, 144)])
+@pytest.mark.parametrize("validation, n_val", [(200, 200), (0.1, 144), (np.int64(50), 50)])
 def test_validation_split_sizes_disjoint_and_seeded(validation, n_val):
     full = load_dataset("digits")
     ds = load_dataset("digits", validation=validation, seed=1)
