@@ -27,8 +27,11 @@ class Interaction(nn.Module):
         """-dE_term/d rho(s_l) for each touched layer l."""
         raise NotImplementedError
 
-    def param_grads(self, rates: list[Tensor]) -> list[Tensor]:
-        """d(mean over the batch of E_term)/d theta, aligned with ``self.parameters()``."""
+    def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:
+        """d(mean over the batch of w_b * E_term)/d theta, aligned with ``self.parameters()``.
+
+        ``weights`` (batch,) defaults to ones; EP estimators use 1/beta_b per example.
+        """
         raise NotImplementedError
 
 
@@ -59,8 +62,8 @@ class Dense(Interaction):
     def fields(self, rates: list[Tensor]) -> dict[int, Tensor]:
         return {self.post: rates[self.pre] @ self.weight.T, self.pre: rates[self.post] @ self.weight}
 
-    def param_grads(self, rates: list[Tensor]) -> list[Tensor]:
-        r_post, r_pre = rates[self.post], rates[self.pre]
+    def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:
+        r_post, r_pre = _weighted(rates[self.post], weights), rates[self.pre]
         return [-(r_post.T @ r_pre) / r_pre.shape[0]]
 
     def extra_repr(self) -> str:
@@ -91,12 +94,16 @@ class Lateral(Interaction):
     def fields(self, rates: list[Tensor]) -> dict[int, Tensor]:
         return {self.layer: rates[self.layer] @ self.weight}
 
-    def param_grads(self, rates: list[Tensor]) -> list[Tensor]:
+    def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:
         r = rates[self.layer]
-        return [-0.5 * (r.T @ r) * self._off_diagonal.to(r.dtype) / r.shape[0]]
+        return [-0.5 * (_weighted(r, weights).T @ r) * self._off_diagonal.to(r.dtype) / r.shape[0]]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, n={self.weight.shape[0]}"
+
+
+def _weighted(r: Tensor, weights: Tensor | None) -> Tensor:
+    return r if weights is None else r * weights[:, None]
 
 
 def check_lateral_matrix(weight: Tensor, n: int, layer: int) -> None:

@@ -6,6 +6,7 @@ The network stores parameters only; it never stores a state between calls.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -194,16 +195,37 @@ class Network(nn.Module):
         """dE/ds = s - R(s) (BF-3); zero on clamped layers."""
         return [s - r for s, r in zip(state, self.drive(state))]
 
-    def energy_param_grads(self, state: Sequence[Tensor]) -> list[Tensor]:
-        """d(mean_batch E)/d theta in closed form, aligned with ``self.parameters()``."""
+    def energy_param_grads(self, state: Sequence[Tensor], weights: Tensor | None = None) -> list[Tensor]:
+        """d(mean_batch w_b E_b)/d theta in closed form, aligned with ``self.parameters()``.
+
+        For a dense term dE/dW = -rho(s_post) rho(s_pre)^T, for a bias -rho(s) (DESIGN principle 1).
+        ``weights`` (batch,) defaults to ones.
+        """
         rates = self.rates(state)
         grads: dict[int, Tensor] = {}
         for term in self.interactions:
-            for p, g in zip(term.parameters(), term.param_grads(rates)):
+            for p, g in zip(term.parameters(), term.param_grads(rates, weights)):
                 grads[id(p)] = g
         for layer in self.free:
-            grads[id(self.bias(layer))] = -rates[layer].mean(0)
+            r = rates[layer] if weights is None else rates[layer] * weights[:, None]
+            grads[id(self.bias(layer))] = -r.mean(0)
         return [grads[id(p)] for p in self.parameters()]
+
+    def distances(self) -> dict[int, int]:
+        """Graph distance of every free layer from the driven layer through the interaction terms."""
+        neighbours: dict[int, set[int]] = {i: set() for i in range(len(self.sizes))}
+        for term in self.interactions:
+            for a in term.layers:
+                neighbours[a].update(b for b in term.layers if b != a)
+        dist = {self.driven: 0}
+        queue = deque([self.driven])
+        while queue:
+            a = queue.popleft()
+            for b in sorted(neighbours[a]):
+                if b not in dist and b in self.free:
+                    dist[b] = dist[a] + 1
+                    queue.append(b)
+        return dist
 
     def layered_pairs(self) -> list[Dense]:
         """The Dense terms between consecutive layers, in input-to-output order."""

@@ -9,7 +9,6 @@ c = 1 (``"none"``), where delta_k is the layered back-propagated error (THEORY r
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,20 +23,8 @@ LATER_OFFSETS = (1, 3, 10)
 
 
 def layer_distances(network: Network) -> dict[int, int]:
-    """Graph distance of every free layer from the driven layer through the interaction terms."""
-    neighbours: dict[int, set[int]] = {i: set() for i in range(len(network.sizes))}
-    for term in network.interactions:
-        for a in term.layers:
-            neighbours[a].update(b for b in term.layers if b != a)
-    dist = {network.driven: 0}
-    queue = deque([network.driven])
-    while queue:
-        a = queue.popleft()
-        for b in neighbours[a]:
-            if b not in dist and b in network.free:
-                dist[b] = dist[a] + 1
-                queue.append(b)
-    return dist
+    """Graph distance of every free layer from the driven layer (see ``Network.distances``)."""
+    return network.distances()
 
 
 def free_fixed_point(

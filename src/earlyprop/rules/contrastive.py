@@ -1,0 +1,170 @@
+"""Equilibrium propagation estimators and the seed's STDP rule (THEORY §1.10, §3.1, §3.4, §3.5).
+
+Both contrast two nudged phases nu_1 < nu_2 started at the free state s^0 (s^0 itself when nu = 0)::
+
+    EP     g = (dE/dtheta(s^{nu_2}) - dE/dtheta(s^{nu_1})) / (nu_2 - nu_1)         (EP17 eq. 24, SC23)
+    STDP   g = -(A(nu_2) - A(nu_1)) / (nu_2 - nu_1),  A(nu) = sum_t  post-change(t) * rho(pre)(t)  (BF-17)
+
+with (nu_1, nu_2) = (0, beta) positive, (-beta, 0) negative, (-beta, beta) centered, and
+(0, +-beta per example) random sign (EP17, LA21). A(0) = 0: the free chain does not move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from earlyprop.cost import Cost
+from earlyprop.interactions import Dense, Lateral
+from earlyprop.network import Network, State
+from earlyprop.rules.base import LearningRule, Relaxation, StepResult, accumulate_grads
+
+VARIANTS = ("positive", "negative", "centered", "random_sign")
+STDP_FORMS = ("plain", "xie_seung", "tied")
+
+
+class _Contrastive(LearningRule):
+    """Shared phase logic of the contrastive rules; ``variant`` picks (nu_1, nu_2)."""
+
+    def __init__(self, beta: float, variant: str = "positive", relaxation: Relaxation | None = None,
+                 cost: Cost | None = None):
+        super().__init__(relaxation, cost)
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if not isinstance(beta, int | float) or beta != beta or beta == 0 or abs(beta) == float("inf"):
+            raise ValueError(f"beta must be a finite non-zero number for {self.name}, got {beta!r}")
+        self.beta = float(beta)
+        self.variant = variant
+
+    def nudges(self, batch: int, generator: torch.Generator | None, dtype: torch.dtype, device) -> tuple:
+        """(nu_1, nu_2): floats, or per-example tensors for the random-sign variant."""
+        b = self.beta
+        if self.variant == "positive":
+            return 0.0, b
+        if self.variant == "negative":
+            return -b, 0.0
+        if self.variant == "centered":
+            return -b, b
+        signs = torch.randint(0, 2, (batch,), generator=generator).to(dtype=dtype, device=device) * 2 - 1
+        return 0.0, b * signs
+
+    def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
+                      generator: torch.Generator | None = None) -> StepResult:
+        free = self._free_phase(network, x, state)
+        nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
+        weights = 1.0 / (nu2 - nu1)
+        weights = weights if isinstance(weights, Tensor) else torch.full((x.shape[0],), weights, dtype=network.dtype,
+                                                                         device=network.device)
+        phases = [self._phase(network, free, nu, target) for nu in (nu1, nu2)]
+        grads = self.estimate(network, phases[0], phases[1], weights)
+        accumulate_grads(list(network.parameters()), grads)
+        value = self._readout_grads(free, target, network)
+        return StepResult(free, value, self.cost.predict(free[network.driven]).detach())
+
+    def _phase(self, network: Network, free: State, nu, target: Tensor):
+        raise NotImplementedError
+
+    def estimate(self, network: Network, phase_1, phase_2, weights: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+
+def _is_zero(nu) -> bool:
+    return not isinstance(nu, Tensor) and nu == 0.0
+
+
+class EquilibriumProp(_Contrastive):
+    """The EP gradient estimator (EP17 Thm 1; LA21 symmetric; SC23 P/N/C-EP)."""
+
+    name = "ep"
+
+    def _phase(self, network: Network, free: State, nu, target: Tensor) -> State:
+        if _is_zero(nu):
+            return free
+        nudged, _ = self.relaxation.nudged(network, free, nu, target, self.cost)
+        return nudged
+
+    def estimate(self, network: Network, phase_1: State, phase_2: State, weights: Tensor) -> list[Tensor]:
+        g2 = network.energy_param_grads(phase_2, weights)
+        g1 = network.energy_param_grads(phase_1, weights)
+        return [a - b for a, b in zip(g2, g1)]
+
+
+class STDP(_Contrastive):
+    """The seed's rule dW_ij ~ (ds_i/dt) rho(s_j), accumulated online over the nudged phase (BF-17).
+
+    ``form``: ``"plain"`` (ds_post/dt rho(s_pre), the seed), ``"xie_seung"`` (d rho(s_post)/dt rho(s_pre),
+    EP17 eq. 12) or ``"tied"`` (d/dt [rho_i rho_j], EP17 eq. 13, whose integral is the EP update).
+    The post unit is the one closer to the driven layer: it moves first (THEORY A15).
+    """
+
+    name = "stdp"
+
+    def __init__(self, beta: float, form: str = "plain", variant: str = "positive",
+                 relaxation: Relaxation | None = None, cost: Cost | None = None):
+        super().__init__(beta, variant, relaxation, cost)
+        if form not in STDP_FORMS:
+            raise ValueError(f"unknown STDP form {form!r}; choose one of {', '.join(STDP_FORMS)}")
+        self.form = form
+
+    def _phase(self, network: Network, free: State, nu, target: Tensor) -> list[State] | None:
+        if _is_zero(nu):
+            return None
+        _, diag = self.relaxation.nudged(network, free, nu, target, self.cost, record_trajectory=True)
+        return diag.trajectory
+
+    def estimate(self, network, phase_1, phase_2, weights: Tensor) -> list[Tensor]:
+        a2 = self.accumulate(network, phase_2, weights)
+        a1 = self.accumulate(network, phase_1, weights)
+        return [-(x - y) for x, y in zip(a2, a1)]
+
+    def accumulate(self, network: Network, trajectory: list[State] | None, weights: Tensor) -> list[Tensor]:
+        """A(nu) = sum over the nudged steps of the pairwise products, aligned with network.parameters()."""
+        params = list(network.parameters())
+        if trajectory is None:
+            return [torch.zeros_like(p) for p in params]
+        rank = _closeness(network)
+        total = {id(p): torch.zeros_like(p) for p in params}
+        for before, after in zip(trajectory[:-1], trajectory[1:]):
+            r0, r1 = network.rates(before), network.rates(after)
+            change = self._post_change(network, before, after, r0, r1, weights)
+            for term in network.interactions:
+                total[id(term.weight)] += self._term_update(term, r0, r1, change, rank, weights)
+            for layer in network.free:
+                total[id(network.bias(layer))] += change[layer].mean(0)
+        return [total[id(p)] for p in params]
+
+    def _post_change(self, network, before, after, r0, r1, weights) -> list[Tensor | None]:
+        """Per-example weighted change of each free layer: ds (plain) or d rho (Xie-Seung, tied)."""
+        out: list[Tensor | None] = [None] * len(before)
+        for layer in network.free:
+            delta = after[layer] - before[layer] if self.form == "plain" else r1[layer] - r0[layer]
+            out[layer] = delta * weights[:, None]
+        return out
+
+    def _term_update(self, term, r0, r1, change, rank, weights) -> Tensor:
+        batch = r0[0].shape[0]
+        if isinstance(term, Dense):
+            if self.form == "tied":
+                w = weights[:, None]
+                return ((r1[term.post] * w).T @ r1[term.pre] - (r0[term.post] * w).T @ r0[term.pre]) / batch
+            if rank[term.post] <= rank[term.pre]:  # term.post is the post-synaptic side
+                return change[term.post].T @ r0[term.pre] / batch
+            return r0[term.post].T @ change[term.pre] / batch
+        if isinstance(term, Lateral):
+            layer = term.layer
+            if self.form == "tied":
+                w = weights[:, None]
+                m = (r1[layer] * w).T @ r1[layer] - (r0[layer] * w).T @ r0[layer]
+            else:
+                m = change[layer].T @ r0[layer] + r0[layer].T @ change[layer]
+            return 0.5 * m * (1 - torch.eye(m.shape[0], dtype=m.dtype, device=m.device)) / batch
+        raise NotImplementedError(f"the STDP rule does not know the interaction {type(term).__name__}")
+
+
+def _closeness(network: Network) -> dict[int, int]:
+    """Distance of each layer from the driven layer (clamped inputs are the farthest)."""
+    dist = network.distances()
+    far = max(dist.values()) + 1
+    return {i: dist.get(i, far) for i in range(len(network.sizes))}
