@@ -117,9 +117,9 @@ def early_inference(
     diffs = [[a - b for a, b in zip(sn, sf)] for sn, sf in zip(nudged.trajectory, free.trajectory)]
     scale = abs(beta) * (eps if nudge_scale == "eps" else 1.0)
     layers = sorted(dist, key=lambda m: dist[m])
-    norms = torch.tensor([[float(d[m].norm()) for m in layers] for d in diffs])
+    norms = torch.tensor([[float(d[m].norm()) for m in layers] for d in diffs], dtype=torch.float64)
     cosines = torch.tensor([[float(cosine(d[m], -math.copysign(1, beta) * deltas[m]).min()) for m in layers]
-                            for d in diffs])
+                            for d in diffs], dtype=torch.float64)
     results = []
     for m in layers:
         k = dist[m]

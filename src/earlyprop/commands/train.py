@@ -1,0 +1,119 @@
+"""``earlyprop train``: train a layered energy-based network with the seed's STDP rule, EP or a reference.
+
+With no arguments this is the main job: digits with the seed's rule, then the same net by
+backprop, and a comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RULE_CHOICES = ("stdp", "stdp-symmetric", "ep", "ep-negative", "ep-random-sign", "ep-symmetric", "bptt", "rbp",
+                "backprop")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train on digits, MNIST, Fashion-MNIST, CIFAR-10 or an .npz file",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="TOML file of settings (flags given here override it)")
+    p.add_argument("--data", help="digits (default), mnist, fashion-mnist, cifar10 or PATH.npz")
+    p.add_argument("--data-dir", help="folder with the data files (default $EARLYPROP_DATA_DIR or ./data)")
+    p.add_argument("--validation", type=float, help="hold out this many (or this fraction of) training examples "
+                   "and report on them instead of the test set")
+    p.add_argument("--rule", choices=RULE_CHOICES, help="learning rule (default stdp, the seed's rule)")
+    p.add_argument("--stdp-form", choices=("plain", "xie_seung", "tied"), help="form of the STDP rule")
+    p.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 500 or 500,500")
+    p.add_argument("--rho", choices=("hard_sigmoid", "sigmoid", "tanh"), help="rate nonlinearity")
+    p.add_argument("--cost", choices=("squared_error", "cross_entropy"), help="cost on the output layer")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=_float_list, help="learning rate, one value or one per weight layer (input first)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--scheduler", choices=("none", "cosine"))
+    p.add_argument("--beta", type=float, help="nudging strength")
+    p.add_argument("--eps", type=float, help="time step of the leaky integrator")
+    p.add_argument("--free-steps", type=int)
+    p.add_argument("--nudge-steps", type=int)
+    p.add_argument("--eval-steps", type=int, help="free steps from rest when evaluating")
+    p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
+                   help="persistent particles: start each example's free phase where it last ended (EP17)")
+    p.add_argument("--monitor-every", type=int, help="every N batches, log the cosine of the update with the "
+                   "true gradient (recurrent backprop); 0 = off")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--out", type=Path, help="run directory for config, metrics.csv, plots and summary.json")
+    p.add_argument("--force", action="store_true", help="allow writing into an existing, non-empty run directory")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    return p
+
+
+CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "cost", "epochs",
+                "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
+                "free_steps", "nudge_steps", "eval_steps", "persistent", "monitor_every", "seed", "dtype", "device")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from earlyprop.config import load_config
+    from earlyprop.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.validation is not None and args.validation >= 1:
+        overrides["validation"] = float(int(args.validation))
+    config = load_config(args.config, overrides)
+    main_job = args.config is None and not overrides
+    if args.out is not None:
+        _check_out(args.out, args.force)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    summary = train(config, out=args.out, progress=progress)
+    summaries = [summary]
+    if main_job:
+        baseline = load_config(None, {"rule": "backprop"})
+        print("\nthe same network trained by backprop (feed-forward MLP of the same sizes):", file=sys.stderr)
+        summaries.append(train(baseline, out=args.out / "backprop" if args.out else None, progress=progress))
+    _print_table(summaries)
+    if args.json:
+        print(json.dumps(summary if not main_job else {**summary, "baseline": summaries[1]}))
+    return 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"run directory {out} already exists and is not empty; pass --force to write into it "
+                         "or choose another --out")
+
+
+def _print_table(summaries: list[dict]) -> None:
+    print(f"{'rule':<16}{'data':<10}{'sizes':<18}{'test acc':>10}{'train acc':>11}{'epochs':>8}{'seconds':>9}")
+    for s in summaries:
+        sizes = "-".join(str(n) for n in s["sizes"])
+        print(f"{s['rule']:<16}{s['data']:<10}{sizes:<18}{s['test_accuracy']:>10.4f}{s['train_accuracy']:>11.4f}"
+              f"{s['epochs']:>8d}{s['seconds']:>9.1f}")
