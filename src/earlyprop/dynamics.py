@@ -21,8 +21,10 @@ from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State
+from earlyprop.solvers import block_sweep, check_block_solvable, max_change, parity_groups
 
 NUDGE_SCALES = ("eps", "none")
+METHODS = ("euler", "async")
 
 
 class DivergenceError(FloatingPointError):
@@ -80,6 +82,25 @@ def make_nudge(beta: float | Tensor, target: Tensor | None, cost: Cost | None) -
     return Nudge(beta, target, cost or SquaredError())
 
 
+def _check_nudge_fits(network: Network, nudge: Nudge | None, state: Sequence[Tensor]) -> None:
+    """Raise ValueError when beta or the target does not fit the driven layer, instead of a broadcasting
+    error deep in the loop or, worse, a silent broadcast (a (batch, 1) target for a (batch, n) layer)."""
+    if nudge is None:
+        return
+    y = state[network.driven]
+    where = f"the driven layer {network.driven} of shape {tuple(y.shape)}"
+    if isinstance(nudge.beta, Tensor) and tuple(nudge.beta.shape) != (y.shape[0],):
+        raise ValueError(f"per-example beta has shape {tuple(nudge.beta.shape)}, expected ({y.shape[0]},) for {where}")
+    if nudge.target.dim() == y.dim() and nudge.target.shape != y.shape:
+        raise ValueError(f"target has shape {tuple(nudge.target.shape)}, which does not match {where}")
+    try:
+        force = nudge.force(y)
+    except RuntimeError as err:
+        raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}: {err}") from err
+    if force.shape != y.shape:
+        raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}")
+
+
 def internal_force(network: Network, state: Sequence[Tensor], rho_prime_factor: bool = True) -> list[Tensor | None]:
     """-dE/ds = R(s) - s on free layers (BF-3); None on clamped layers.
 
@@ -115,6 +136,7 @@ def relax(
     record_energy: bool = False,
     record_trajectory: bool = False,
     differentiable: bool = False,
+    method: str = "euler",
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -135,49 +157,73 @@ def relax(
     record_trajectory : keep a copy of the state after every step (memory O(steps)).
     differentiable : keep the autograd graph through the steps (truncated BPTT references);
         by default the loop runs under ``torch.no_grad``.
+    method : ``"euler"`` (the leaky integrator above, what theory checks use) or ``"async"``: exact
+        block minimisation of even then odd layers per step (SC23; see :mod:`earlyprop.solvers`),
+        same fixed points, for layered hard-sigmoid/linear nets; its residual is max|s change| per step.
 
     Raises
     ------
     ValueError on bad arguments; DivergenceError when the state becomes non-finite.
     """
     _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     with torch.enable_grad() if differentiable else torch.no_grad():
         nudge = make_nudge(beta, target, cost)
+        _check_nudge_fits(network, nudge, state)
         sigma = noise_std if noise_std is not None else math.sqrt(2.0 * eps * temperature)
         nudge_factor = eps if nudge_scale == "eps" else 1.0
         moving = [layer for layer in network.free if layer not in set(fixed_layers)]
         bounds = {layer: network.rhos[layer].bounds if project else None for layer in moving}
 
         s = list(state) if differentiable else [t.detach().clone() for t in state]
+        if method == "async":
+            if sigma > 0:
+                raise ValueError("the asynchronous solver is deterministic: use method='euler' for T > 0")
+            check_block_solvable(network, moving, nudge is not None, nudge.cost if nudge else None)
+            beta_scale = 1.0 if nudge_scale == "eps" else 1.0 / eps
+            groups = parity_groups(moving)
+
+            def advance(measure: bool) -> float | None:
+                before = [t.clone() for t in s] if measure else None
+                for group in groups:
+                    block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable)
+                return max_change(before, s, moving) if measure else None
+        else:
+            def advance(measure: bool) -> float | None:
+                force = internal_force(network, s, rho_prime_factor)
+                deltas = {layer: eps * force[layer] for layer in moving}
+                if nudge is not None and network.driven in deltas:
+                    deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
+                res = _residual(s, deltas, bounds, eps) if measure else None
+                for layer, delta in deltas.items():
+                    if sigma > 0:
+                        delta = delta + sigma * torch.randn(delta.shape, generator=generator, dtype=delta.dtype,
+                                                            device=delta.device)
+                    new = s[layer] + delta
+                    lo_hi = bounds[layer]
+                    s[layer] = new.clamp(*lo_hi) if lo_hi is not None else new
+                return res
+
         energy = [_mean_free_energy(network, s, nudge)] if record_energy else None
         trajectory = [list(s) if differentiable else [t.clone() for t in s]] if record_trajectory else None
         residual, converged, step = math.inf, False, 0
         for step in range(1, steps + 1):
-            force = internal_force(network, s, rho_prime_factor)
-            deltas = {layer: eps * force[layer] for layer in moving}
-            if nudge is not None and network.driven in deltas:
-                deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
             measure = tol is not None and (step % check_every == 0 or step == steps)
-            if measure:
-                residual = _residual(s, deltas, bounds, eps)
-            for layer, delta in deltas.items():
-                if sigma > 0:
-                    delta = delta + sigma * torch.randn(delta.shape, generator=generator, dtype=delta.dtype,
-                                                        device=delta.device)
-                new = s[layer] + delta
-                lo_hi = bounds[layer]
-                s[layer] = new.clamp(*lo_hi) if lo_hi is not None else new
+            res = advance(measure)
             if step % check_every == 0 or step == steps:
                 _check_finite(s, moving, step, eps, beta)
             if record_energy:
                 energy.append(_mean_free_energy(network, s, nudge))
             if record_trajectory:
                 trajectory.append(list(s) if differentiable else [t.clone() for t in s])
-            if measure and residual <= tol:
-                converged = True
-                break
-        if tol is None or not converged:
-            residual = _current_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor)
+            if measure:
+                residual = res
+                if residual <= tol:
+                    converged = True
+                    break
+        if not converged:
+            residual = advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor)
             converged = tol is not None and residual <= tol
         return s, Diagnostics(step, residual, converged, energy, trajectory)
 
@@ -188,12 +234,13 @@ def residual(
 ) -> float:
     """max over free units of |dF/ds| = |R(s) - s - beta dC/ds| (THEORY A11)."""
     nudge = make_nudge(beta, target, cost)
+    _check_nudge_fits(network, nudge, state)
     bounds = {layer: None for layer in network.free}
     with torch.no_grad():
-        return _current_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)
+        return advance_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)
 
 
-def _current_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor) -> float:
+def advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor) -> float:
     force = internal_force(network, s, rho_prime_factor)
     deltas = {layer: eps * force[layer] for layer in moving}
     if nudge is not None and network.driven in deltas:
@@ -260,13 +307,15 @@ def polish(
     """
     network.check_state(state)
     nudge = make_nudge(beta, target, cost)
+    _check_nudge_fits(network, nudge, state)
     free = list(network.free)
     s = [t.detach().clone() for t in state]
     it, res = 0, residual(network, s, beta, target, cost)
     while res > tol and it < max_iter:
-        grads = _force_gradient(network, s, nudge)
         hess = _hessian(network, s, nudge)
-        step = torch.linalg.solve(hess, grads.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():  # the polished state is data: no autograd graph back to the parameters
+            grads = _force_gradient(network, s, nudge)
+            step = torch.linalg.solve(hess, grads.unsqueeze(-1)).squeeze(-1)
         offset = 0
         for layer in free:
             n = network.sizes[layer]

@@ -125,3 +125,42 @@ def _save(fig: Any, path: str | Path) -> Path:
     finally:
         plt.close(fig)  # figures pile up in long runs (training curves) otherwise
     return path
+
+
+def plot_training(history: Sequence[Any], out: str | Path, *, title: str = "") -> list[Path]:
+    """accuracy.png and cost.png: train and test curves per epoch (``EpochMetrics`` rows)."""
+    out = Path(out)
+    epochs = [m.epoch for m in history]
+    paths = []
+    for name, train_key, test_key in (("accuracy", "train_accuracy", "test_accuracy"),
+                                      ("cost", "train_cost", "test_cost")):
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.plot(epochs, [getattr(m, train_key) for m in history], marker="o", ms=3, label="train (during training)")
+        ax.plot(epochs, [getattr(m, test_key) for m in history], marker="s", ms=3, label="test (free relaxation)")
+        if name == "accuracy":
+            ax.set_ylim(top=1.0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(title or name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / f"{name}.png"))
+    return paths
+
+
+def plot_fidelity(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """Per-parameter cosine between the rule's update and the true gradient over training."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    batches = [r["batch"] for r in rows]
+    names = [k for k in rows[0] if k != "batch"]
+    for name in names:
+        ax.plot(batches, [r[name] for r in rows], label=name)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("cos(update, true gradient)")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title("gradient fidelity (reference: recurrent backprop)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

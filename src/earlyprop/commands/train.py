@@ -54,6 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--free-steps", type=int)
     p.add_argument("--nudge-steps", type=int)
     p.add_argument("--eval-steps", type=int, help="free steps from rest when evaluating")
+    p.add_argument("--solver", choices=("euler", "async"), help="euler: the leaky integrator; async: exact block "
+                   "updates of even then odd layers (hard sigmoid, layered nets)")
     p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
                    help="persistent particles: start each example's free phase where it last ended (EP17)")
     p.add_argument("--monitor-every", type=int, help="every N batches, log the cosine of the update with the "
@@ -72,7 +74,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "cost", "epochs",
                 "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
-                "free_steps", "nudge_steps", "eval_steps", "persistent", "monitor_every", "seed", "dtype", "device")
+                "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every", "seed", "dtype",
+                "device")
 
 
 def run(args: argparse.Namespace) -> int:

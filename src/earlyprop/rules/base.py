@@ -15,7 +15,11 @@ from earlyprop.network import Network, State
 
 @dataclass(frozen=True)
 class Relaxation:
-    """Settings of the free and nudged phases (EP17 §5.1.4: eps = 0.5, 20 free + 4 nudged steps)."""
+    """Settings of the free and nudged phases (EP17 §5.1.4: eps = 0.5, 20 free + 4 nudged steps).
+
+    ``method`` is the solver of both phases: ``"euler"`` (leaky integrator) or ``"async"`` (exact
+    block updates, :mod:`earlyprop.solvers`); then the step counts are iterations.
+    """
 
     eps: float = 0.5
     free_steps: int = 20
@@ -24,18 +28,20 @@ class Relaxation:
     nudge_scale: str = "eps"
     tol: float | None = None
     check_every: int = 10
+    method: str = "euler"
 
     def free(self, network: Network, state: Sequence[Tensor]) -> tuple[State, Diagnostics]:
         return relax(network, state, steps=self.free_steps, eps=self.eps, project=self.project,
-                     nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every)
+                     nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every, method=self.method)
 
     def nudged(
         self, network: Network, state: Sequence[Tensor], beta: float | Tensor, target: Tensor, cost: Cost,
-        record_trajectory: bool = False,
+        record_trajectory: bool = False, method: str | None = None,
     ) -> tuple[State, Diagnostics]:
+        """The nudged phase; ``method`` overrides the solver (the STDP rule needs the leaky integrator)."""
         return relax(network, state, steps=self.nudge_steps, eps=self.eps, beta=beta, target=target, cost=cost,
                      project=self.project, nudge_scale=self.nudge_scale, check_every=self.check_every,
-                     record_trajectory=record_trajectory)
+                     record_trajectory=record_trajectory, method=method or self.method)
 
 
 @dataclass

@@ -111,7 +111,9 @@ class STDP(_Contrastive):
     def _phase(self, network: Network, free: State, nu, target: Tensor) -> list[State] | None:
         if _is_zero(nu):
             return None
-        _, diag = self.relaxation.nudged(network, free, nu, target, self.cost, record_trajectory=True)
+        # the rule integrates ds/dt of the leaky integrator itself, whatever solved the free phase
+        _, diag = self.relaxation.nudged(network, free, nu, target, self.cost, record_trajectory=True,
+                                         method="euler")
         return diag.trajectory
 
     def estimate(self, network, phase_1, phase_2, weights: Tensor) -> list[Tensor]:

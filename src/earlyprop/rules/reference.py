@@ -137,11 +137,15 @@ class Backprop(LearningRule):
     name = "backprop"
 
     def forward(self, network: Network, x: Tensor) -> Tensor:
-        """The output rates of u_{l+1} = W_l rho(u_l) + b_{l+1}, u_0 = x."""
-        a = network.rhos[0].rho(x.to(network.dtype))
+        """The output potential of u_{l+1} = W_l rho(u_l) + b_{l+1}, u_0 = x.
+
+        The output is linear (no rho): with a bounded rho, a saturated output unit would get no
+        gradient and never recover, which would make the baseline needlessly weak.
+        """
+        u = x.to(network.dtype)
         for term in network.layered_pairs():
-            a = network.rhos[term.post].rho(a @ term.weight.T + network.bias(term.post))
-        return a
+            u = network.rhos[term.pre].rho(u) @ term.weight.T + network.bias(term.post)
+        return u
 
     def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
                       generator: torch.Generator | None = None) -> StepResult:

@@ -1,0 +1,169 @@
+"""Training configuration: one dataclass, read from TOML and overridden by CLI flags.
+
+Unknown or mistyped keys are an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Per-layer lists run input -> output (THEORY A18)."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    validation: float = 0.0
+    rule: str = "stdp"
+    stdp_form: str = "plain"
+    hidden: list[int] = field(default_factory=lambda: [256])
+    rho: str = "hard_sigmoid"
+    cost: str = "squared_error"
+    epochs: int = 30
+    batch_size: int = 20
+    lr: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    beta: float = 1.0
+    eps: float = 0.5
+    free_steps: int = 20
+    nudge_steps: int = 4
+    eval_steps: int = 60
+    solver: str = "euler"
+    project: bool = True
+    persistent: bool = False
+    truncation: int | None = None
+    init: str = "glorot"
+    gain: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    monitor_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first bad value."""
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (math.isfinite(self.beta), f"beta must be finite, got {self.beta}"),
+            (self.free_steps >= 1, f"free-steps must be >= 1, got {self.free_steps}"),
+            (self.nudge_steps >= 1, f"nudge-steps must be >= 1, got {self.nudge_steps}"),
+            (self.eval_steps >= 1, f"eval-steps must be >= 1, got {self.eval_steps}"),
+            (all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1,
+             f"hidden must be a non-empty list of positive sizes, got {self.hidden}"),
+            (all(math.isfinite(v) and v >= 0 for v in self.lr) and len(self.lr) >= 1,
+             f"lr must be non-negative numbers, got {self.lr}"),
+            (self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}"),
+            (self.scheduler in ("none", "cosine"), f"scheduler must be 'none' or 'cosine', got {self.scheduler!r}"),
+            (self.cost in ("squared_error", "cross_entropy"),
+             f"cost must be 'squared_error' or 'cross_entropy', got {self.cost!r}"),
+            (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
+            (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.rule.startswith(("ep", "stdp")) and self.beta == 0:
+            raise ConfigError(f"beta = 0 gives no learning signal with --rule {self.rule}; use beta != 0")
+        if len(self.lr) not in (1, len(self.hidden) + 1):
+            raise ConfigError(f"lr needs 1 or {len(self.hidden) + 1} values (one per weight layer), got {len(self.lr)}")
+        return self
+
+    def layer_lrs(self) -> list[float]:
+        return self.lr * (len(self.hidden) + 1) if len(self.lr) == 1 else list(self.lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Check a config value's type against the field and convert ints to floats where needed."""
+    if key not in FIELDS:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}")
+    default = getattr(TrainConfig(), key)
+    if isinstance(default, list):
+        items = value if isinstance(value, list) else [value]
+        kind = int if key == "hidden" else float
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+            raise ConfigError(f"config key {key!r} expects a list of numbers, got {value!r}")
+        if kind is int and not all(float(v).is_integer() for v in items):
+            raise ConfigError(f"config key {key!r} expects integers, got {value!r}")
+        return [kind(v) for v in items]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int) or key == "truncation":
+        if value is None and key == "truncation":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        return value
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- TOML file <- overrides (CLI flags that were given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raw.pop("result", None)  # shipped configs document their measured result here
+        values.update({k: coerce(k, v) for k, v in raw.items()})
+    values.update({k: coerce(k, v) for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**values).validate()
+
+
+def dump_toml(config: TrainConfig) -> str:
+    """A TOML text that :func:`load_config` reads back to the same config."""
+    lines = []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
