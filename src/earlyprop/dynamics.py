@@ -101,13 +101,15 @@ def _check_nudge_fits(network: Network, nudge: Nudge | None, state: Sequence[Ten
         raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}")
 
 
-def internal_force(network: Network, state: Sequence[Tensor], rho_prime_factor: bool = True) -> list[Tensor | None]:
+def internal_force(
+    network: Network, state: Sequence[Tensor], rho_prime_factor: bool = True, static: list | None = None
+) -> list[Tensor | None]:
     """-dE/ds = R(s) - s on free layers (BF-3); None on clamped layers.
 
     ``rho_prime_factor=False`` gives the textbook leaky integrator b + W rho(s) - s, which is
     not a gradient flow (THEORY A6): an ablation only.
     """
-    fields = network.fields(state)
+    fields = network.fields(state, static=static)
     out: list[Tensor | None] = [None] * len(state)
     for layer in network.free:
         drive = fields[layer] * network.rhos[layer].rho_prime(state[layer]) if rho_prime_factor else fields[layer]
@@ -177,6 +179,7 @@ def relax(
         bounds = {layer: network.rhos[layer].bounds if project else None for layer in moving}
 
         s = list(state) if differentiable else [t.detach().clone() for t in state]
+        static = network.static_fields(s)  # bias + input drive: constant during a phase
         if method == "async":
             if sigma > 0:
                 raise ValueError("the asynchronous solver is deterministic: use method='euler' for T > 0")
@@ -187,11 +190,11 @@ def relax(
             def advance(measure: bool) -> float | None:
                 before = [t.clone() for t in s] if measure else None
                 for group in groups:
-                    block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable)
+                    block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static)
                 return max_change(before, s, moving) if measure else None
         else:
             def advance(measure: bool) -> float | None:
-                force = internal_force(network, s, rho_prime_factor)
+                force = internal_force(network, s, rho_prime_factor, static)
                 deltas = {layer: eps * force[layer] for layer in moving}
                 if nudge is not None and network.driven in deltas:
                     deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
