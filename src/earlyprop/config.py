@@ -33,20 +33,22 @@ class TrainConfig:
     stdp_form: str = "plain"
     hidden: list[int] = field(default_factory=lambda: [256])
     rho: str = "hard_sigmoid"
+    output_rho: str | None = None
     cost: str = "squared_error"
     epochs: int = 30
     batch_size: int = 20
-    lr: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    lr: list[float] = field(default_factory=lambda: [0.05, 0.025])
     optimizer: str = "sgd"
-    momentum: float = 0.0
+    momentum: float = 0.9
     weight_decay: float = 0.0
-    scheduler: str = "none"
+    scheduler: str = "cosine"
     beta: float = 1.0
     eps: float = 0.5
-    free_steps: int = 20
+    free_steps: int = 40
     nudge_steps: int = 4
-    eval_steps: int = 60
+    eval_steps: int = 40
     solver: str = "euler"
+    nudge_scale: str = "eps"
     project: bool = True
     persistent: bool = False
     truncation: int | None = None
@@ -77,6 +79,7 @@ class TrainConfig:
             (self.scheduler in ("none", "cosine"), f"scheduler must be 'none' or 'cosine', got {self.scheduler!r}"),
             (self.cost in ("squared_error", "cross_entropy"),
              f"cost must be 'squared_error' or 'cross_entropy', got {self.cost!r}"),
+            (self.nudge_scale in ("eps", "none"), f"nudge_scale must be 'eps' or 'none', got {self.nudge_scale!r}"),
             (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),

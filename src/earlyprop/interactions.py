@@ -9,6 +9,7 @@ to its own parameters. One weight tensor per term, so W_ij = W_ji holds by const
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +24,8 @@ class Interaction(nn.Module):
         """Energy contribution per example, shape (batch,)."""
         raise NotImplementedError
 
-    def fields(self, rates: list[Tensor]) -> dict[int, Tensor]:
-        """-dE_term/d rho(s_l) for each touched layer l."""
+    def fields(self, rates: list[Tensor], targets: Collection[int] | None = None) -> dict[int, Tensor]:
+        """-dE_term/d rho(s_l) for each touched layer l (only those in ``targets`` when given)."""
         raise NotImplementedError
 
     def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:
@@ -59,8 +60,13 @@ class Dense(Interaction):
     def energy(self, rates: list[Tensor]) -> Tensor:
         return -((rates[self.pre] @ self.weight.T) * rates[self.post]).sum(-1)
 
-    def fields(self, rates: list[Tensor]) -> dict[int, Tensor]:
-        return {self.post: rates[self.pre] @ self.weight.T, self.pre: rates[self.post] @ self.weight}
+    def fields(self, rates: list[Tensor], targets: Collection[int] | None = None) -> dict[int, Tensor]:
+        out = {}
+        if targets is None or self.post in targets:
+            out[self.post] = rates[self.pre] @ self.weight.T
+        if targets is None or self.pre in targets:
+            out[self.pre] = rates[self.post] @ self.weight
+        return out
 
     def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:
         r_post, r_pre = _weighted(rates[self.post], weights), rates[self.pre]
@@ -91,7 +97,9 @@ class Lateral(Interaction):
         r = rates[self.layer]
         return -0.5 * ((r @ self.weight) * r).sum(-1)
 
-    def fields(self, rates: list[Tensor]) -> dict[int, Tensor]:
+    def fields(self, rates: list[Tensor], targets: Collection[int] | None = None) -> dict[int, Tensor]:
+        if targets is not None and self.layer not in targets:
+            return {}
         return {self.layer: rates[self.layer] @ self.weight}
 
     def param_grads(self, rates: list[Tensor], weights: Tensor | None = None) -> list[Tensor]:

@@ -164,17 +164,42 @@ class Network(nn.Module):
         """rho_l(s_l) for every layer."""
         return [rho.rho(s) for rho, s in zip(self.rhos, state)]
 
-    def fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None) -> list[Tensor | None]:
-        """h_l = b_l + sum_j W_lj rho(s_j) = -dE/d rho(s_l) for free layers (None for clamped ones)."""
+    def fields(
+        self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None,
+        static: Sequence[Tensor | None] | None = None, targets: Sequence[int] | None = None,
+    ) -> list[Tensor | None]:
+        """h_l = b_l + sum_j W_lj rho(s_j) = -dE/d rho(s_l) for free layers (None for clamped ones).
+
+        ``static`` is :meth:`static_fields` of the same clamped inputs: passing it saves recomputing
+        the input's drive at every step of a phase. ``targets`` limits the work to those free layers.
+        """
         rates = self.rates(state) if rates is None else list(rates)
+        out: list[Tensor | None] = list(static) if static is not None else self.static_fields(state, rates)
+        for term in self._free_terms():
+            for layer, field in term.fields(rates, self.free if targets is None else targets).items():
+                out[layer] = out[layer] + field
+        return out
+
+    def static_fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None) -> list[Tensor | None]:
+        """The part of each free layer's field that only depends on clamped layers: bias + input drive."""
         out: list[Tensor | None] = [None] * len(self.sizes)
+        batch = state[self.clamped[0]].shape[0] if self.clamped else state[self.free[0]].shape[0]
         for layer in self.free:
-            out[layer] = self.bias(layer).expand_as(state[layer])
-        for term in self.interactions:
-            for layer, field in term.fields(rates).items():
-                if out[layer] is not None:
+            out[layer] = self.bias(layer).expand(batch, self.sizes[layer])
+        input_terms = [t for t in self.interactions if not self._couples_free_layers_only(t)]
+        if input_terms:
+            clamped_rates = [r if i in self.clamped else None for i, r in enumerate(
+                rates if rates is not None else self.rates(state))]
+            for term in input_terms:
+                for layer, field in term.fields(clamped_rates, self.free).items():
                     out[layer] = out[layer] + field
         return out
+
+    def _couples_free_layers_only(self, term: Interaction) -> bool:
+        return all(layer in self.free for layer in term.layers)
+
+    def _free_terms(self) -> list[Interaction]:
+        return [t for t in self.interactions if self._couples_free_layers_only(t)]
 
     def energy(self, state: Sequence[Tensor]) -> Tensor:
         """E(s) per example, shape (batch,) (BF-4)."""

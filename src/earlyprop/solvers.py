@@ -42,10 +42,10 @@ def check_block_solvable(network: Network, layers: Sequence[int], nudged: bool, 
 
 
 def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge, beta_scale: float,
-                inplace: bool = True) -> None:
+                inplace: bool = True, static: list | None = None) -> None:
     """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others."""
     rates = network.rates(s)
-    fields = network.fields(s, rates)
+    fields = network.fields(s, rates, static, targets=layers)
     for layer in layers:
         bounds = network.rhos[layer].bounds
         if nudge is not None and layer == network.driven:

@@ -33,13 +33,14 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def build_network(config: TrainConfig, n_features: int, n_classes: int) -> Network:
     """The layered net n_features - hidden... - n_classes; inputs in [0,1] enter as they are."""
     sizes = [n_features, *config.hidden, n_classes]
-    return Network.layered(sizes, config.rho, input_rho="linear", init=config.init, gain=config.gain,
+    return Network.layered(sizes, config.rho, input_rho="linear", output_rho=config.output_rho, init=config.init,
+                           gain=config.gain,
                            seed=config.seed, dtype=DTYPES[config.dtype]).to(config.device)
 
 
 def build_rule(config: TrainConfig, network: Network) -> LearningRule:
     relaxation = Relaxation(eps=config.eps, free_steps=config.free_steps, nudge_steps=config.nudge_steps,
-                            project=config.project, method=config.solver)
+                            project=config.project, method=config.solver, nudge_scale=config.nudge_scale)
     if config.cost == "cross_entropy":
         n_out = network.sizes[network.driven]
         cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(config.device)
