@@ -83,6 +83,9 @@ class TrainConfig:
             (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),
+            (self.checkpoint_every >= 0, f"checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.monitor_every >= 0, f"monitor-every must be >= 0, got {self.monitor_every}"),
         ]
         for ok, message in checks:
             if not ok:

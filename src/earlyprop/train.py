@@ -6,9 +6,7 @@ the gradient-fidelity monitor is on, ``fidelity.csv``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -20,12 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from earlyprop.config import TrainConfig, dump_toml
+from earlyprop.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from earlyprop.config import TrainConfig
 from earlyprop.cost import CrossEntropyReadout, SquaredError
-from earlyprop.data import Dataset, check_features, iterate_minibatches, load_dataset
+from earlyprop.data import Dataset, check_features, load_dataset
 from earlyprop.network import Network
 from earlyprop.rules import LearningRule, Relaxation, make_rule
 from earlyprop.rules.reference import RecurrentBackprop
+from earlyprop.rundir import RunDirectory
+from earlyprop.trainstate import restore, snapshot
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -77,8 +78,24 @@ class EpochMetrics:
 
 
 @dataclass
+class Position:
+    """Where the run is inside an epoch: data order, next batch, and the running train metrics."""
+
+    order: Tensor | None = None
+    batch: int = 0
+    correct: int = 0
+    cost: float = 0.0
+    seen: int = 0
+
+
+@dataclass
 class Trainer:
-    """Fits a network with a learning rule; owns the persistent particles (DESIGN principle 4)."""
+    """Fits a network with a learning rule; owns the persistent particles (DESIGN principle 4).
+
+    With a run directory and ``checkpoint_every`` > 0 it writes a checkpoint every N batches and at
+    the end of every epoch; :meth:`fit` with ``resume=True`` continues from the newest valid one and
+    ends with exactly the metrics and weights of an uninterrupted run.
+    """
 
     config: TrainConfig
     dataset: Dataset
@@ -107,33 +124,46 @@ class Trainer:
         self.history: list[EpochMetrics] = []
         self.fidelity: list[dict[str, float]] = []
         self.batches_seen = 0
+        self.position = Position()
+        self.run_dir = RunDirectory(self.out) if self.out is not None else None
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> tuple[float, float, int]:
-        correct, cost_sum, seen = 0, 0.0, 0
-        n_batches = math.ceil(len(self.x_train) / self.config.batch_size)
-        for i, (idx, xb, yb) in enumerate(iterate_minibatches(self.x_train, self.y_train, self.config.batch_size,
-                                                              self.generator)):
-            target = self.rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
-            state = self._particles(idx, xb)
-            self.optimizer.zero_grad(set_to_none=True)
-            step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.generator)
-            if self.config.monitor_every and self.batches_seen % self.config.monitor_every == 0:
-                self._monitor(step.free_state, target)
-            self.optimizer.step()
-            if self.particles is not None:
-                for layer in self.network.free:
-                    self.particles[layer][idx] = step.free_state[layer]
-            correct += int((step.prediction == yb).sum())
-            cost_sum += float(step.cost.sum())
-            seen += len(yb)
-            self.batches_seen += 1
+        """Train on the epoch's remaining batches (all of them unless resuming mid-epoch)."""
+        pos, bs = self.position, self.config.batch_size
+        if pos.order is None:
+            pos.order = torch.randperm(len(self.x_train), generator=self.generator).to(self.x_train.device)
+        n_batches = math.ceil(len(pos.order) / bs)
+        for i in range(pos.batch, n_batches):
+            idx = pos.order[i * bs:(i + 1) * bs]
+            self.train_batch(idx)
+            pos.batch = i + 1
+            every = self.config.checkpoint_every
+            if every and self.batches_seen % every == 0 and pos.batch < n_batches:
+                self.save_checkpoint(epoch)
             if self.progress:
-                print(f"\repoch {epoch} [{i + 1}/{n_batches}] train acc {correct / seen:.4f}", end="",
+                print(f"\repoch {epoch} [{i + 1}/{n_batches}] train acc {pos.correct / pos.seen:.4f}", end="",
                       file=sys.stderr, flush=True)
         if self.progress:
             print("\r", end="", file=sys.stderr)
-        return correct / max(seen, 1), cost_sum / max(seen, 1), seen
+        return pos.correct / max(pos.seen, 1), pos.cost / max(pos.seen, 1), pos.seen
+
+    def train_batch(self, idx: Tensor) -> None:
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        target = self.rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
+        state = self._particles(idx, xb)
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.generator)
+        if self.config.monitor_every and self.batches_seen % self.config.monitor_every == 0:
+            self._monitor(step.free_state, target)
+        self.optimizer.step()
+        if self.particles is not None:
+            for layer in self.network.free:
+                self.particles[layer][idx] = step.free_state[layer]
+        self.position.correct += int((step.prediction == yb).sum())
+        self.position.cost += float(step.cost.sum())
+        self.position.seen += len(yb)
+        self.batches_seen += 1
 
     def _particles(self, idx: Tensor, xb: Tensor) -> list[Tensor] | None:
         if self.particles is None:
@@ -176,12 +206,14 @@ class Trainer:
         return correct / len(y), cost_sum / len(y)
 
     # ------------------------------------------------------------------ the run
-    def fit(self) -> dict[str, Any]:
-        """Train for ``config.epochs`` epochs; return the JSON-able summary."""
-        self._prepare_out()
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train for ``config.epochs`` epochs (from the newest checkpoint if ``resume``); return the summary."""
+        start_epoch = self.resume() if resume else 1
+        if self.run_dir is not None:
+            self.run_dir.start(self.config)
         start = time.perf_counter()
         examples = 0
-        for epoch in range(1, self.config.epochs + 1):
+        for epoch in range(start_epoch, self.config.epochs + 1):
             t0 = time.perf_counter()
             train_acc, train_cost, seen = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - t0
@@ -192,9 +224,14 @@ class Trainer:
             metrics = EpochMetrics(epoch, train_acc, train_cost, test_acc, test_cost, time.perf_counter() - t0,
                                    seen / max(train_seconds, 1e-9))
             self.history.append(metrics)
+            self.position = Position()
             self.log(f"epoch {epoch:3d}  train acc {train_acc:.4f}  cost {train_cost:.4f}  test acc {test_acc:.4f}"
                      f"  cost {test_cost:.4f}  {metrics.seconds:.1f}s  {metrics.examples_per_second:.0f} ex/s")
-            self._write_metrics()
+            if self.run_dir is not None:
+                self.run_dir.write_table("metrics.csv", [m.__dict__ for m in self.history])
+                self.run_dir.write_table("fidelity.csv", self.fidelity)
+                if self.config.checkpoint_every:
+                    self.save_checkpoint(epoch + 1)
         seconds = time.perf_counter() - start
         train_acc, train_cost = self.evaluate(self.x_train, self.y_train)
         test_acc, test_cost = self.evaluate(self.x_test, self.y_test)
@@ -205,51 +242,46 @@ class Trainer:
             "epochs": self.config.epochs, "seconds": seconds,
             "examples_per_second": examples / seconds if seconds > 0 else 0.0,
             "seed": self.config.seed, "out": str(self.out) if self.out else None,
+            "resumed_from_epoch": start_epoch if resume else None,
         }
-        self._finish_out(summary)
+        if self.run_dir is not None:
+            weights = dict(self.network.state_dict())
+            if isinstance(self.rule.cost, torch.nn.Module):
+                weights.update({f"readout.{k}": v for k, v in self.rule.cost.state_dict().items()})
+            self.run_dir.finish(summary, self.history, self.fidelity, f"{self.config.rule} on {self.config.data}",
+                                self.log, weights)
         return summary
 
-    def _prepare_out(self) -> None:
-        if self.out is None:
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, epoch: int) -> None:
+        """Snapshot everything the rest of the run depends on (``epoch`` = the epoch to continue)."""
+        if self.run_dir is None:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(dump_toml(self.config))
-
-    def _write_metrics(self) -> None:
-        if self.out is None:
-            return
-        with open(self.out / "metrics.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(EpochMetrics.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(m.__dict__ for m in self.history)
-        if self.fidelity:
-            with open(self.out / "fidelity.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self.fidelity[0]))
-                writer.writeheader()
-                writer.writerows(self.fidelity)
-
-    def _finish_out(self, summary: dict[str, Any]) -> None:
-        if self.out is None:
-            return
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tensors, meta = snapshot(self, epoch)
         try:
-            from earlyprop.plots import plot_fidelity, plot_training
+            save_checkpoint(self.run_dir.checkpoints, self.batches_seen, tensors, meta, self.config.keep_checkpoints)
+        except OSError as exc:
+            raise OSError(f"could not write a checkpoint into {self.run_dir.checkpoints} ({exc.strerror or exc}); "
+                          "the previous checkpoint is intact: free space and rerun with --resume") from exc
 
-            plot_training(self.history, self.out, title=f"{self.config.rule} on {self.config.data}")
-            if self.fidelity:
-                plot_fidelity(self.fidelity, self.out / "fidelity.png")
-        except ImportError as exc:  # plotting is optional: matplotlib may be missing
-            self.log(f"plots skipped: {exc}")
-
+    def resume(self) -> int:
+        """Load the newest valid checkpoint of the run directory; return the epoch to continue with."""
+        if self.run_dir is None:
+            raise CheckpointError("--resume needs a run directory (--out)")
+        checkpoint = latest_checkpoint(self.run_dir.checkpoints, warn=self.log)
+        if checkpoint is None:
+            self.log(f"no checkpoint in {self.run_dir.checkpoints}: starting from scratch")
+            return 1
+        return restore(self, checkpoint)
 
 def train(config: TrainConfig, out: str | Path | None = None, progress: bool = False,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """One call: load the data, build network and rule, fit, return the summary (jpc-style API)."""
     dataset = load_dataset(config.data, config.data_dir, validation=config.validation, seed=config.seed)
     if config.validation:
         dataset = _validation_as_test(dataset)
     kwargs = {"log": log} if log is not None else {}
-    return Trainer(config, dataset, Path(out) if out else None, progress, **kwargs).fit()
+    return Trainer(config, dataset, Path(out) if out else None, progress, **kwargs).fit(resume=resume)
 
 
 def _validation_as_test(dataset: Dataset) -> Dataset:

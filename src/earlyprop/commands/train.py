@@ -65,6 +65,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--out", type=Path, help="run directory for config, metrics.csv, plots and summary.json")
     p.add_argument("--force", action="store_true", help="allow writing into an existing, non-empty run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N batches (and at each epoch "
+                   "end); 0 = off (default)")
+    p.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
@@ -75,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "cost", "epochs",
                 "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
                 "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every", "seed", "dtype",
-                "device")
+                "device", "checkpoint_every", "keep_checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,11 +94,16 @@ def run(args: argparse.Namespace) -> int:
     if args.validation is not None and args.validation >= 1:
         overrides["validation"] = float(int(args.validation))
     config = load_config(args.config, overrides)
-    main_job = args.config is None and not overrides
-    if args.out is not None:
+    main_job = args.config is None and not overrides and not args.resume
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR (the run directory to continue)")
+    if args.out is not None and not args.resume:
         _check_out(args.out, args.force)
+    if args.resume and args.config is None and args.out is not None and (args.out / "config.toml").is_file():
+        # the run's own settings, unless flags say otherwise
+        config = load_config(args.out / "config.toml", overrides)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    summary = train(config, out=args.out, progress=progress)
+    summary = train(config, out=args.out, progress=progress, resume=args.resume)
     summaries = [summary]
     if main_job:
         baseline = load_config(None, {"rule": "backprop"})
