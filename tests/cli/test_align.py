@@ -106,12 +106,44 @@ def test_sigmoid_negative_beta_in_process(capsys):
         assert row["cosine"] >= 1 - 1e-6
 
 
-def test_temperature_is_reported_not_silently_applied(capsys):
-    assert main(["align", "--json", "--temperature", "0.01", *QUICK]) == 0
+def test_temperature_runs_the_noise_averaged_chains(capsys):
+    """T > 0 adds T12 (common random numbers, M repeats) after the noise-free table, which stays as it is."""
+    common = ["align", "--json", "--eps", "0.1", "--beta", "1e-3", "--gdu-steps", "3"]  # default sizes
+    assert main([*common, "--temperature", "1e-4", "--repeats", "200"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
-    assert report["config"]["temperature"] == 0.01 and report["config"]["temperature_applied"] is False
-    assert "not applied" in captured.err
+    assert report["config"]["temperature"] == 1e-4 and report["config"]["temperature_applied"] is True
+    assert report["config"]["repeats"] == 200
+    assert "not applied" not in captured.out + captured.err and report["warnings"] == []
+    noisy = report["noisy"]
+    assert isinstance(noisy, list)
+    assert sorted(row["distance"] for row in noisy) == [0, 1, 2, 3, 4]
+    for row in noisy:
+        assert row["first_step"] == row["expected_first_step"] == row["distance"] + 1, row
+        assert row["mean_cosine"] >= 0.9999, row  # THEORY T12's criterion (seen: >= 0.999997)
+        assert -1 <= row["sample_cosine"] <= row["mean_cosine"] + 1e-12, row
+        assert row["temperature"] == 1e-4 and row["repeats"] == 200
+
+    assert main([*common, "--temperature", "0"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert clean.get("noisy") is None and clean["config"]["temperature_applied"] is False
+    # the noise-free results do not depend on T
+    assert clean["layers"] == report["layers"] and clean["gdu"] == report["gdu"]
+
+
+def test_temperature_table_shows_the_noisy_section(capsys):
+    assert main(["align", *QUICK, "--temperature", "1e-4", "--repeats", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "noise-averaged early inference" in out and "cos(mean Δs, -δ)" in out and "20 repeats" in out
+    assert main(["align", *QUICK]) == 0
+    assert "noise-averaged" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--repeats", "-3"], ["--repeats", "1.5"]])
+def test_bad_repeats_is_one_line_exit_2(bad, capsys):
+    assert main(["align", "--temperature", "1e-4", *bad]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("earlyprop: error: argument --repeats") and captured.out == ""
 
 
 @pytest.mark.parametrize("where", ["top", "sub"])

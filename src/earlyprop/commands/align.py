@@ -2,6 +2,8 @@
 
 Builds a random layered network, relaxes it to its free fixed point s*, then switches the nudge on and
 reports, for every free layer, when it first moves and how well that first move matches -delta_k.
+With ``--temperature T > 0`` it also runs the Langevin version (THEORY §1.12, T12): free and nudged
+chains from s* that share the same noise (common random numbers), averaged over ``--repeats`` draws.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ HARD_SIGMOID_BIAS_MEAN = 0.5
 HARD_SIGMOID_STEPS = 2000
 SLOPE_BETA = 1e-3  # T4c's beta: large enough for round-off at eps = 0.025, k = 4, small enough for O(beta)
 ROUNDOFF_ULPS = 1e3  # warn when a first change is within this many ulps of the state (rel. error ~1e-3 seen)
+DEFAULT_REPEATS = 200  # THEORY T12's M
+# the noise gets its own stream too (the same seed in a fresh generator would replay the weights' draws)
+NOISE_SEED_OFFSET = 0x4015E
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,9 +42,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Relax a random layered network to its free fixed point, switch the nudge on, and compare\n"
         "each layer's first move with -delta_k, the layered back-propagated error (Bengio & Fischer\n"
         "2015, THEORY 1.9). Also compares EP's per-step updates with BPTT gradients (GDU, Ernoult\n"
-        "et al. 2019, THEORY 3.3).",
+        "et al. 2019, THEORY 3.3). These results are always noise-free.\n\n"
+        "With --temperature T > 0 it then runs the Langevin chains (noise variance 2*eps*T per step,\n"
+        "THEORY 1.12, T12): free and nudged chains from s* share the same noise (common random\n"
+        "numbers), --repeats M times, and per distance k it reports the first-change step, the cosine of\n"
+        "the MEAN nudged-minus-free difference with -delta_k and the worst per-sample cosine. The noisy\n"
+        "part measures early inference in expectation under noise (THEORY A12); single samples can\n"
+        "be far from -delta_k once the noise dominates the O(beta*eps^(k+1)) signal.",
         epilog="example:\n  earlyprop align --sizes 12,40,30,30,20,6 --rho tanh --eps 0.2 --beta 1e-6 --json\n"
-        "  earlyprop align --rho sigmoid --eps 0.05 --plot early_inference.png")
+        "  earlyprop align --rho sigmoid --eps 0.05 --plot early_inference.png\n"
+        "  earlyprop align --eps 0.1 --beta 1e-3 --temperature 1e-4 --repeats 200")
     p.add_argument("--sizes", type=_type(parse_sizes), default=parse_sizes(DEFAULT_SIZES), metavar="N,N,...",
                    help=f"layer sizes, input first, output last, >= 1 hidden layer (default {DEFAULT_SIZES})")
     p.add_argument("--rho", choices=RHOS, default="tanh", help="rate nonlinearity of every layer (default tanh)")
@@ -47,9 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=_type(_nonzero_float), default=1e-6,
                    help="nudge strength, finite and != 0, either sign (default 1e-6)")
     p.add_argument("--temperature", type=_type(_nonnegative_float), default=0.0, metavar="T",
-                   help="Langevin temperature T >= 0 (default 0). Recorded only: the early-inference experiment "
-                   "has no noisy common-random-numbers variant yet, so T > 0 still runs the noise-free chains "
-                   "and the output says so")
+                   help="Langevin temperature T >= 0 (default 0). T > 0 adds the noise-averaged early inference "
+                   "(common random numbers, THEORY T12) after the noise-free results, which it leaves unchanged")
+    p.add_argument("--repeats", type=_type(_positive_int), default=DEFAULT_REPEATS, metavar="M",
+                   help=f"noisy repeats M >= 1 averaged when T > 0 (default {DEFAULT_REPEATS})")
     p.add_argument("--nudge-scale", choices=("eps", "none"), default="eps",
                    help="nudge term eps*beta*dC/dy (EP17, 'eps') or beta*dC/dy (ER19, 'none') (default eps)")
     p.add_argument("--gdu-steps", type=_type(_positive_int), default=15, help="GDU time steps K (default 15)")
@@ -120,7 +133,8 @@ def _type(check):
 def _validate(args: argparse.Namespace) -> None:
     """Re-check a Namespace built without the parser (in-process callers)."""
     checks = (("eps", _positive_float), ("beta", _nonzero_float), ("temperature", _nonnegative_float),
-              ("gain", _positive_float), ("batch", _positive_int), ("gdu_steps", _positive_int))
+              ("gain", _positive_float), ("batch", _positive_int), ("gdu_steps", _positive_int),
+              ("repeats", _positive_int))
     for name, check in checks:
         try:
             if getattr(args, name) is not None:  # gain None means the per-rho default
@@ -152,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     from earlyprop.dynamics import DivergenceError
     from earlyprop.experiments.early_inference import early_inference, eps_slopes, free_fixed_point
     from earlyprop.experiments.gdu import gdu
+    from earlyprop.experiments.langevin import noise_averaged_alignment
     from earlyprop.network import Network
 
     dtype = getattr(torch, args.dtype)
@@ -186,14 +201,23 @@ def _run(args: argparse.Namespace) -> int:
             slopes, slope_note = eps_slopes(net, x, d, beta=SLOPE_BETA, nudge_scale=args.nudge_scale, state=state), None
         except ValueError as exc:
             slope_note = f"not computed: {exc}"
+    noisy = None
+    if args.temperature > 0:
+        try:
+            noisy = noise_averaged_alignment(net, x, d, beta=args.beta, eps=args.eps, temperature=args.temperature,
+                                             repeats=args.repeats, seed=args.seed + NOISE_SEED_OFFSET,
+                                             nudge_scale=args.nudge_scale, state=state)
+        except DivergenceError as exc:
+            raise DivergenceError(f"noisy chains: {exc}; try a smaller --temperature") from None
 
     config = dict(sizes=list(args.sizes), rho=args.rho, eps=args.eps, beta=args.beta, temperature=args.temperature,
-                  temperature_applied=False, nudge_scale=args.nudge_scale, gdu_steps=args.gdu_steps,
+                  temperature_applied=args.temperature > 0, repeats=args.repeats,
+                  noise_seed=args.seed + NOISE_SEED_OFFSET, nudge_scale=args.nudge_scale, gdu_steps=args.gdu_steps,
                   batch=args.batch, gain=gain, bias_std=BIAS_STD, bias_mean=HARD_SIGMOID_BIAS_MEAN if hard else 0.0,
                   init="gaussian", seed=args.seed, data_seed=args.seed + DATA_SEED_OFFSET, dtype=args.dtype,
                   newton=newton)
-    warnings = _warnings(args, net, state, result, res, tol, dtype)
-    report = _report(config, result, gdu_result, res, slopes, slope_note, warnings)
+    warnings = _warnings(args, net, state, result, res, tol, dtype, noisy)
+    report = _report(config, result, gdu_result, res, slopes, slope_note, warnings, noisy)
     if args.plot:  # before any stdout, so a bad path fails cleanly with nothing half-printed
         from earlyprop.plots import plot_early_inference
 
@@ -204,12 +228,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warnings(args, net, state, result, res: float, tol: float, dtype) -> list[str]:
+def _warnings(args, net, state, result, res: float, tol: float, dtype, noisy=None) -> list[str]:
     import torch
 
     out = []
-    if args.temperature > 0:
-        out.append(f"T={args.temperature:g} recorded but not applied: the chains ran noise-free")
     if not res <= max(tol, 1e-8):
         out.append(f"the free phase did not reach a fixed point (residual {res:.2g}); results are approximate")
     if args.rho == "hard_sigmoid":
@@ -230,11 +252,21 @@ def _warnings(args, net, state, result, res: float, tol: float, dtype) -> list[s
             out.append(f"distance {layer.distance}: first change ~{signal:.1e} per unit is within "
                        f"{ROUNDOFF_ULPS:.0e} ulps of the state, so round-off limits its cosine and ratio; "
                        "raise |--beta|" + (" or use --dtype float64" if dtype != torch.float64 else ""))
+    if noisy is not None:
+        moved = {row.layer for row in noisy}
+        for layer in result.layers:
+            if layer.layer not in moved:
+                out.append(f"layer {layer.layer} (distance {layer.distance}) never moved in the noisy chains")
+        for row in noisy:
+            if not math.isfinite(row.sample_cosine):
+                out.append(f"distance {row.distance}: some noisy repeats did not move at step {row.first_step} "
+                           "(round-off), so the per-sample cosine is undefined; raise |--beta|"
+                           + (" or use --dtype float64" if dtype != torch.float64 else ""))
     return out
 
 
 # ------------------------------------------------------------------------------------------ output
-def _report(config, result, gdu_result, res, slopes, slope_note, warnings) -> dict[str, Any]:
+def _report(config, result, gdu_result, res, slopes, slope_note, warnings, noisy=None) -> dict[str, Any]:
     expected_slope = {k: k + (config["nudge_scale"] == "eps") for k in (slopes or {})}
     return {
         "layers": [
@@ -250,6 +282,13 @@ def _report(config, result, gdu_result, res, slopes, slope_note, warnings) -> di
         "residual": res,
         "eps_slopes": {"beta": SLOPE_BETA, "slopes": {str(k): s for k, s in (slopes or {}).items()},
                        "expected": {str(k): e for k, e in expected_slope.items()}, "note": slope_note},
+        # T12: null when T = 0; otherwise one row per layer that moved, each naming its T and M
+        "noisy": None if noisy is None else [
+            {"distance": r.distance, "layer": r.layer, "name": "y" if r.distance == 0 else f"h{r.distance}",
+             "first_step": r.first_step, "expected_first_step": r.distance + 1, "mean_cosine": r.mean_cosine,
+             "sample_cosine": r.sample_cosine, "temperature": config["temperature"], "repeats": config["repeats"]}
+            for r in noisy
+        ],
         "config": config,
         "warnings": warnings,
     }
@@ -261,10 +300,9 @@ def format_table(report: dict[str, Any]) -> str:
     later_head = "".join(f"{'cos t=k+' + str(e):>13}" for e in offsets)
     lines = [
         f"early inference: sizes {'-'.join(map(str, c['sizes']))}, rho={c['rho']}, eps={c['eps']:g}, "
-        f"beta={c['beta']:g}, nudge_scale={c['nudge_scale']}, T={c['temperature']:g}"
-        + (" (not applied)" if c["temperature"] > 0 else "") + f", batch={c['batch']}, {c['dtype']}",
-        "worst case over the batch; Δs = first change of the layer at distance k, δ = layered back-propagated "
-        "error, c = " + ("eps" if c["nudge_scale"] == "eps" else "1"),
+        f"beta={c['beta']:g}, nudge_scale={c['nudge_scale']}, batch={c['batch']}, {c['dtype']}",
+        "noise-free (T=0) chains, worst case over the batch; Δs = first change of the layer at distance k, "
+        "δ = layered back-propagated error, c = " + ("eps" if c["nudge_scale"] == "eps" else "1"),
         "",
         f"{'k':>2} {'layer':>7} {'first step':>11} {'cos(Δs, -δ)':>16} {'|Δs|/(βcε^k|δ|)':>17}{later_head}",
     ]
@@ -284,6 +322,15 @@ def format_table(report: dict[str, Any]) -> str:
                  else f"eps-slopes: {s['note']}")
     lines.append(f"free fixed point: residual max|dE/ds| = {report['residual']:.2e}"
                  + (" (Newton-polished)" if c["newton"] else ""))
+    if report.get("noisy") is not None:
+        lines += ["", f"noise-averaged early inference (T12): T={c['temperature']:g}, {c['repeats']} repeats, free "
+                  "and nudged chains share the noise (common random numbers); the expectation under noise (A12)",
+                  f"{'k':>2} {'layer':>7} {'first step':>11} {'cos(mean Δs, -δ)':>18} {'worst sample cos':>17}"]
+        for row in report["noisy"]:
+            step = f"{row['first_step']} ({row['expected_first_step']})"
+            lines.append(f"{row['distance']:>2} {row['name'] + ' (' + str(row['layer']) + ')':>7} {step:>11} "
+                         f"{row['mean_cosine']:>18.12f} {row['sample_cosine']:>17.9f}")
+        lines.append("mean: averaged over the repeats, worst example; sample: worst single repeat and example")
     if "plot" in report:
         lines.append(f"plot written to {report['plot']}")
     return "\n".join(lines)
