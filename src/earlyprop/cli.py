@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from earlyprop.dynamics import DivergenceError
 
 PROG = "earlyprop"
-COMMANDS: tuple[str, ...] = ("align", "train")
+COMMANDS: tuple[str, ...] = ("align", "bench", "train")
 
 # Failures a user can cause and fix (bad option values, a missing file, a diverging relaxation):
 # reported as one line and exit code 2 unless --debug asks for the traceback. DataError is a ValueError.

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
-from earlyprop.network import Network, State
-from earlyprop.solvers import block_sweep, check_block_solvable, max_change, parity_groups
+from earlyprop.network import Network, State, all_finite
+from earlyprop.solvers import Chain, block_sweep, check_block_solvable, max_change, parity_groups
 
 NUDGE_SCALES = ("eps", "none")
 METHODS = ("euler", "async")
@@ -66,7 +66,7 @@ class Nudge:
 def make_nudge(beta: float | Tensor, target: Tensor | None, cost: Cost | None) -> Nudge | None:
     """A Nudge, or None when beta is zero (free phase)."""
     if isinstance(beta, Tensor):
-        if not torch.isfinite(beta).all():
+        if not all_finite(beta):
             raise ValueError("beta contains NaN or inf")
         if not bool((beta != 0).any()):
             return None
@@ -77,7 +77,7 @@ def make_nudge(beta: float | Tensor, target: Tensor | None, cost: Cost | None) -
             return None
     if target is None:
         raise ValueError("a nudged phase (beta != 0) needs a target")
-    if not torch.isfinite(target.float() if not target.is_floating_point() else target).all():
+    if not all_finite(target.float() if not target.is_floating_point() else target):
         raise ValueError("target contains NaN or inf")
     return Nudge(beta, target, cost or SquaredError())
 
@@ -93,11 +93,12 @@ def _check_nudge_fits(network: Network, nudge: Nudge | None, state: Sequence[Ten
         raise ValueError(f"per-example beta has shape {tuple(nudge.beta.shape)}, expected ({y.shape[0]},) for {where}")
     if nudge.target.dim() == y.dim() and nudge.target.shape != y.shape:
         raise ValueError(f"target has shape {tuple(nudge.target.shape)}, which does not match {where}")
-    try:
-        force = nudge.force(y)
+    try:  # squared error broadcasts y - d: its shape needs no arithmetic (this runs every nudged phase)
+        shape = torch.broadcast_shapes(y.shape, nudge.target.shape) if type(nudge.cost) is SquaredError and \
+            not isinstance(nudge.beta, Tensor) else nudge.force(y).shape
     except RuntimeError as err:
         raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}: {err}") from err
-    if force.shape != y.shape:
+    if shape != y.shape:
         raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}")
 
 
@@ -139,6 +140,7 @@ def relax(
     record_trajectory: bool = False,
     differentiable: bool = False,
     method: str = "euler",
+    static: Sequence[Tensor | None] | None = None,
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -162,6 +164,11 @@ def relax(
     method : ``"euler"`` (the leaky integrator above, what theory checks use) or ``"async"``: exact
         block minimisation of even then odd layers per step (SC23; see :mod:`earlyprop.solvers`),
         same fixed points, for layered hard-sigmoid/linear nets; its residual is max|s change| per step.
+    static : ``network.static_fields(state)`` (bias + drive of the clamped layers), computed here when None;
+        passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
+
+    On a plain layered chain (no extras: see :class:`earlyprop.solvers.Chain`) the same loop runs lean,
+    with the same results up to round-off; the free layers of the returned state are then views of one buffer.
 
     Raises
     ------
@@ -178,15 +185,26 @@ def relax(
         moving = [layer for layer in network.free if layer not in set(fixed_layers)]
         bounds = {layer: network.rhos[layer].bounds if project else None for layer in moving}
 
-        s = list(state) if differentiable else [t.detach().clone() for t in state]
-        static = network.static_fields(s)  # bias + input drive: constant during a phase
+        if static is None:
+            static = network.static_fields(state)  # bias + input drive: constant during a phase
+        # the lean loops of solvers.Chain: same equations, for the plain layered chain without the extras
+        lean = not (differentiable or sigma > 0 or fixed_layers or not rho_prime_factor) and (
+            nudge is None or type(nudge.cost) is SquaredError)
+        chain = Chain.of(network, state, static, nudge) if lean else None
+        if chain is not None:
+            s = chain.state
+        else:
+            s = list(state) if differentiable else [t.detach().clone() for t in state]
         if method == "async":
             if sigma > 0:
                 raise ValueError("the asynchronous solver is deterministic: use method='euler' for T > 0")
             check_block_solvable(network, moving, nudge is not None, nudge.cost if nudge else None)
             beta_scale = 1.0 if nudge_scale == "eps" else 1.0 / eps
             groups = parity_groups(moving)
-
+        if chain is not None:
+            euler = chain.euler_stepper(eps, nudge, nudge_factor, project)  # its measure-only call: the residual
+            advance = chain.block_stepper(groups, nudge, beta_scale) if method == "async" else euler
+        elif method == "async":
             def advance(measure: bool) -> float | None:
                 before = [t.clone() for t in s] if measure else None
                 for group in groups:
@@ -215,7 +233,7 @@ def relax(
             measure = tol is not None and (step % check_every == 0 or step == steps)
             res = advance(measure)
             if step % check_every == 0 or step == steps:
-                _check_finite(s, moving, step, eps, beta)
+                _check_finite(s, moving, step, eps, beta, chain)
             if record_energy:
                 energy.append(_mean_free_energy(network, s, nudge))
             if record_trajectory:
@@ -226,7 +244,8 @@ def relax(
                     converged = True
                     break
         if not converged:
-            residual = advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor)
+            residual = euler(True, commit=False) if chain is not None else \
+                advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor, static)
             converged = tol is not None and residual <= tol
         return s, Diagnostics(step, residual, converged, energy, trajectory)
 
@@ -243,8 +262,8 @@ def residual(
         return advance_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)
 
 
-def advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor) -> float:
-    force = internal_force(network, s, rho_prime_factor)
+def advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor, static=None) -> float:
+    force = internal_force(network, s, rho_prime_factor, static)
     deltas = {layer: eps * force[layer] for layer in moving}
     if nudge is not None and network.driven in deltas:
         deltas[network.driven] = deltas[network.driven] - nudge_factor * nudge.force(s[network.driven])
@@ -267,8 +286,8 @@ def _mean_free_energy(network: Network, s: State, nudge: Nudge | None) -> float:
     return float(e.mean())
 
 
-def _check_finite(s: State, moving: Sequence[int], step: int, eps: float, beta) -> None:
-    if all(bool(torch.isfinite(s[layer]).all()) for layer in moving):
+def _check_finite(s: State, moving: Sequence[int], step: int, eps: float, beta, chain: Chain | None = None) -> None:
+    if chain.finite() if chain is not None else all(all_finite(s[layer]) for layer in moving):
         return
     beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
     raise DivergenceError(

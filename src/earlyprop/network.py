@@ -6,6 +6,7 @@ The network stores parameters only; it never stores a state between calls.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -156,7 +157,7 @@ class Network(nn.Module):
             raise ValueError(
                 f"{what} of layer {layer} has shape {tuple(t.shape)}, expected (batch, {self.sizes[layer]})"
             )
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"{what} of layer {layer} contains NaN or inf")
 
     # ----------------------------------------------------------------- the energy
@@ -188,9 +189,13 @@ class Network(nn.Module):
             out[layer] = self.bias(layer).expand(batch, self.sizes[layer])
         input_terms = [t for t in self.interactions if not self._couples_free_layers_only(t)]
         if input_terms:
-            clamped_rates = [r if i in self.clamped else None for i, r in enumerate(
-                rates if rates is not None else self.rates(state))]
+            clamped_rates = [(rates[i] if rates is not None else self.rhos[i].rho(s)) if i in self.clamped else None
+                             for i, s in enumerate(state)]  # the free layers' rates do not enter
             for term in input_terms:
+                if type(term) is Dense and term.pre in self.clamped and term.post in self.free:
+                    # b + rho(x) W^T as one addmm: no separate product and sum (this runs once per batch)
+                    out[term.post] = torch.addmm(out[term.post], clamped_rates[term.pre], term.weight.T)
+                    continue
                 for layer, field in term.fields(clamped_rates, self.free).items():
                     out[layer] = out[layer] + field
         return out
@@ -259,6 +264,18 @@ class Network(nn.Module):
     def extra_repr(self) -> str:
         rhos = ",".join(r.name for r in self.rhos)
         return f"sizes={list(self.sizes)}, rhos=[{rhos}], clamped={self.clamped}, driven={self.driven}"
+
+
+def all_finite(t: Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())``, about 10x cheaper on CPU.
+
+    isfinite builds several full-size temporaries (~30-50 us for a 20x784 batch, more than a whole lean
+    relaxation step), while a sum is one reduction that is NaN or inf whenever any element is; only when
+    it is not finite (a NaN/inf, or an overflow of finite values) does the exact check run.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return t.numel() == 0 or bool(torch.isfinite(t).all())
+    return math.isfinite(float((t.detach() if t.requires_grad else t).sum())) or bool(torch.isfinite(t).all())
 
 
 def detach_state(state: Sequence[Tensor]) -> State:

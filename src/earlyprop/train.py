@@ -22,6 +22,7 @@ from earlyprop.checkpoint import CheckpointError, latest_checkpoint, save_checkp
 from earlyprop.config import TrainConfig
 from earlyprop.cost import CrossEntropyReadout, SquaredError
 from earlyprop.data import Dataset, check_features, load_dataset
+from earlyprop.distributed import current_group
 from earlyprop.network import Network
 from earlyprop.rules import LearningRule, Relaxation, make_rule
 from earlyprop.rules.reference import RecurrentBackprop
@@ -113,7 +114,15 @@ class Trainer:
         self.optimizer = build_optimizer(c, self.network, self.rule)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(c.epochs, 1))
                           if c.scheduler == "cosine" else None)
+        self.group = current_group()
+        if not self.group.is_main:
+            self.log = lambda message: None
+        if c.persistent and self.group.world > 1:
+            raise ValueError("persistent particles are not supported in distributed training yet")
+        # the data order must be identical on every rank; the rules' own randomness (random-sign beta)
+        # comes from a second generator so that it cannot shift the data order
         self.generator = torch.Generator().manual_seed(c.seed)
+        self.rule_generator = torch.Generator().manual_seed(c.seed + 7919 * (self.group.rank + 1))
         as_tensor = lambda a: torch.as_tensor(a).to(c.device)  # noqa: E731
         self.x_train = as_tensor(self.dataset.x_train).to(self.dtype)
         self.y_train = as_tensor(self.dataset.y_train).long()
@@ -126,6 +135,7 @@ class Trainer:
         self.batches_seen = 0
         self.position = Position()
         self.run_dir = RunDirectory(self.out) if self.out is not None else None
+        self.writer = self.run_dir if self.group.is_main else None  # one rank writes files
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> tuple[float, float, int]:
@@ -146,14 +156,18 @@ class Trainer:
                       file=sys.stderr, flush=True)
         if self.progress:
             print("\r", end="", file=sys.stderr)
-        return pos.correct / max(pos.seen, 1), pos.cost / max(pos.seen, 1), pos.seen
+        correct, cost, seen = self.group.sum([pos.correct, pos.cost, pos.seen])
+        return correct / max(seen, 1), cost / max(seen, 1), int(seen)
 
-    def train_batch(self, idx: Tensor) -> None:
+    def train_batch(self, batch: Tensor) -> None:
+        idx = self.group.shard(batch)
         xb, yb = self.x_train[idx], self.y_train[idx]
         target = self.rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
         state = self._particles(idx, xb)
         self.optimizer.zero_grad(set_to_none=True)
-        step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.generator)
+        step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.rule_generator)
+        self.group.average_grads(list(self.network.parameters()) + self.rule.extra_parameters(), len(idx),
+                                 len(batch))
         if self.config.monitor_every and self.batches_seen % self.config.monitor_every == 0:
             self._monitor(step.free_state, target)
         self.optimizer.step()
@@ -191,26 +205,23 @@ class Trainer:
         relaxation = dataclasses.replace(self.rule.relaxation, free_steps=self.config.eval_steps)
         rule = self.rule
         correct, cost_sum = 0, 0.0
+        x, y = x[self.group.rank::self.group.world], y[self.group.rank::self.group.world]
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            if rule.name == "backprop":
-                prediction, _ = rule.predict(self.network, xb)
-                output = rule.forward(self.network, xb)
-            else:
-                free, _ = relaxation.free(self.network, self.network.init_state(xb))
-                output = free[self.network.driven]
-                prediction = rule.cost.predict(output)
+            output = rule.output(self.network, xb, relaxation)
+            prediction = rule.cost.predict(output)
             target = rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
             correct += int((prediction == yb).sum())
             cost_sum += float(rule.cost.value(output, target).sum())
-        return correct / len(y), cost_sum / len(y)
+        correct, cost_sum, count = self.group.sum([correct, cost_sum, len(y)])
+        return correct / count, cost_sum / count
 
     # ------------------------------------------------------------------ the run
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train for ``config.epochs`` epochs (from the newest checkpoint if ``resume``); return the summary."""
         start_epoch = self.resume() if resume else 1
-        if self.run_dir is not None:
-            self.run_dir.start(self.config)
+        if self.writer is not None:
+            self.writer.start(self.config)
         start = time.perf_counter()
         examples = 0
         for epoch in range(start_epoch, self.config.epochs + 1):
@@ -227,9 +238,9 @@ class Trainer:
             self.position = Position()
             self.log(f"epoch {epoch:3d}  train acc {train_acc:.4f}  cost {train_cost:.4f}  test acc {test_acc:.4f}"
                      f"  cost {test_cost:.4f}  {metrics.seconds:.1f}s  {metrics.examples_per_second:.0f} ex/s")
-            if self.run_dir is not None:
-                self.run_dir.write_table("metrics.csv", [m.__dict__ for m in self.history])
-                self.run_dir.write_table("fidelity.csv", self.fidelity)
+            if self.writer is not None:
+                self.writer.write_table("metrics.csv", [m.__dict__ for m in self.history])
+                self.writer.write_table("fidelity.csv", self.fidelity)
                 if self.config.checkpoint_every:
                     self.save_checkpoint(epoch + 1)
         seconds = time.perf_counter() - start
@@ -244,18 +255,18 @@ class Trainer:
             "seed": self.config.seed, "out": str(self.out) if self.out else None,
             "resumed_from_epoch": start_epoch if resume else None,
         }
-        if self.run_dir is not None:
+        if self.writer is not None:
             weights = dict(self.network.state_dict())
             if isinstance(self.rule.cost, torch.nn.Module):
                 weights.update({f"readout.{k}": v for k, v in self.rule.cost.state_dict().items()})
-            self.run_dir.finish(summary, self.history, self.fidelity, f"{self.config.rule} on {self.config.data}",
+            self.writer.finish(summary, self.history, self.fidelity, f"{self.config.rule} on {self.config.data}",
                                 self.log, weights)
         return summary
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch: int) -> None:
         """Snapshot everything the rest of the run depends on (``epoch`` = the epoch to continue)."""
-        if self.run_dir is None:
+        if self.writer is None:
             return
         tensors, meta = snapshot(self, epoch)
         try:

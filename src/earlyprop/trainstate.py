@@ -35,6 +35,7 @@ def snapshot(trainer: Trainer, epoch: int) -> tuple[dict[str, torch.Tensor], dic
     if trainer.position.order is not None:
         tensors["order"] = trainer.position.order
     tensors["rng.generator"] = trainer.generator.get_state()
+    tensors["rng.rule_generator"] = trainer.rule_generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     np_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
@@ -82,6 +83,7 @@ def restore(trainer: Trainer, checkpoint: Checkpoint) -> int:
         trainer.particles = [tensors[f"particles.{i}"].to(trainer.particles[i].device)
                              for i in range(len(trainer.particles))]
     trainer.generator.set_state(tensors["rng.generator"])
+    trainer.rule_generator.set_state(tensors["rng.rule_generator"])
     torch.set_rng_state(tensors["rng.torch"])
     name, pos, has_gauss, cached = meta["rng_numpy"]
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stdp-form", choices=("plain", "xie_seung", "tied"), help="form of the STDP rule")
     p.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 500 or 500,500")
     p.add_argument("--rho", choices=("hard_sigmoid", "sigmoid", "tanh"), help="rate nonlinearity")
+    p.add_argument("--output-rho", choices=("hard_sigmoid", "sigmoid", "tanh", "linear"),
+                   help="nonlinearity of the output layer (default: --rho; linear as in ER19-EB and SC23)")
     p.add_argument("--cost", choices=("squared_error", "cross_entropy"), help="cost on the output layer")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -76,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "cost", "epochs",
+CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "output_rho", "cost", "epochs",
                 "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
                 "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every", "seed", "dtype",
                 "device", "checkpoint_every", "keep_checkpoints")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from earlyprop.config import load_config
+    from earlyprop.distributed import init_from_environment
     from earlyprop.train import train
 
     if args.threads:
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     main_job = args.config is None and not overrides and not args.resume
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR (the run directory to continue)")
-    if args.out is not None and not args.resume:
+    group = init_from_environment(config.device)  # a no-op unless started by torchrun
+    if args.out is not None and not args.resume and group.is_main:
         _check_out(args.out, args.force)
     if args.resume and args.config is None and args.out is not None and (args.out / "config.toml").is_file():
         # the run's own settings, unless flags say otherwise
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         baseline = load_config(None, {"rule": "backprop"})
         print("\nthe same network trained by backprop (feed-forward MLP of the same sizes):", file=sys.stderr)
         summaries.append(train(baseline, out=args.out / "backprop" if args.out else None, progress=progress))
+    if not group.is_main:
+        return 0
     _print_table(summaries)
     if args.json:
         print(json.dumps(summary if not main_job else {**summary, "baseline": summaries[1]}))

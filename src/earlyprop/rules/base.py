@@ -30,18 +30,20 @@ class Relaxation:
     check_every: int = 10
     method: str = "euler"
 
-    def free(self, network: Network, state: Sequence[Tensor]) -> tuple[State, Diagnostics]:
+    def free(self, network: Network, state: Sequence[Tensor], static: list | None = None) -> tuple[State, Diagnostics]:
+        """The free phase; ``static`` (``network.static_fields``) shares the input drive between phases."""
         return relax(network, state, steps=self.free_steps, eps=self.eps, project=self.project,
-                     nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every, method=self.method)
+                     nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every, method=self.method,
+                     static=static)
 
     def nudged(
         self, network: Network, state: Sequence[Tensor], beta: float | Tensor, target: Tensor, cost: Cost,
-        record_trajectory: bool = False, method: str | None = None,
+        record_trajectory: bool = False, method: str | None = None, static: list | None = None,
     ) -> tuple[State, Diagnostics]:
         """The nudged phase; ``method`` overrides the solver (the STDP rule needs the leaky integrator)."""
         return relax(network, state, steps=self.nudge_steps, eps=self.eps, beta=beta, target=target, cost=cost,
                      project=self.project, nudge_scale=self.nudge_scale, check_every=self.check_every,
-                     record_trajectory=record_trajectory, method=method or self.method)
+                     record_trajectory=record_trajectory, method=method or self.method, static=static)
 
 
 @dataclass
@@ -72,11 +74,16 @@ class LearningRule:
     ) -> StepResult:
         raise NotImplementedError
 
-    def predict(self, network: Network, x: Tensor, state: Sequence[Tensor] | None = None) -> tuple[Tensor, State]:
-        """Class prediction by free relaxation then argmax of the driven layer (EP17 eq. 40)."""
+    def output(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
+        """The driven layer after a free relaxation from rest: what the network answers."""
         with torch.no_grad():
-            free, _ = self.relaxation.free(network, state if state is not None else network.init_state(x))
-            return self.cost.predict(free[network.driven]), free
+            free, _ = (relaxation or self.relaxation).free(network, network.init_state(x))
+            return free[network.driven]
+
+    def predict(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
+        """Class prediction: argmax of the driven layer, or of the readout (EP17 eq. 40)."""
+        with torch.no_grad():
+            return self.cost.predict(self.output(network, x, relaxation))
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters outside the energy that the rule trains too (e.g. a softmax readout)."""
@@ -97,11 +104,18 @@ class LearningRule:
         return value.detach()
 
 
-def accumulate_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor]) -> None:
-    """p.grad += g, creating it when absent (the semantics of ``Tensor.backward``)."""
+def accumulate_grads(params: Sequence[torch.nn.Parameter], grads: Sequence[Tensor], owned: bool = False) -> None:
+    """p.grad += g, creating it when absent (the semantics of ``Tensor.backward``).
+
+    ``owned``: the caller hands over fresh tensors that nothing else references, adopted as ``.grad``
+    without a copy (a 500x784 float32 copy costs about as much as a whole lean relaxation phase).
+    """
     for p, g in zip(params, grads):
+        if owned and p.grad is None and g.dtype == p.dtype and not g.requires_grad:
+            p.grad = g  # (detach and to() are no-ops here, but each still costs a dispatch)
+            continue
         g = g.detach().to(p.dtype)
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g if owned else g.clone()
         else:
             p.grad.add_(g)

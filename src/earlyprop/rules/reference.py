@@ -157,6 +157,7 @@ class Backprop(LearningRule):
         accumulate_grads(params, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
         return StepResult(network.init_state(x), value.detach(), self.cost.predict(y).detach())
 
-    def predict(self, network: Network, x: Tensor, state: Sequence[Tensor] | None = None) -> tuple[Tensor, State]:
+    def output(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
+        """The MLP answers with its forward pass; there is nothing to relax."""
         with torch.no_grad():
-            return self.cost.predict(self.forward(network, x)), network.init_state(x)
+            return self.forward(network, x)

@@ -1,0 +1,337 @@
+"""The speed benchmark (issue 4): ms per training batch of four EP budgets, measured in one process.
+
+For each config it reports the median ms of ``rule.compute_grads`` (free phase, nudged phase(s) and the
+weight gradients written to ``.grad``), the median ms of a plain backprop step of the MLP with the same
+sizes (torch.nn Linear + sigmoid, MSE, zero_grad + forward + backward + SGD step), and the config's FLOP
+floor: the multiply-adds a lean implementation cannot avoid, converted to ms at the sgemm rate measured
+in the same run. Element-wise work (O(batch x units) per step) is left out of the floor.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# the large sgemm whose rate converts FLOP floors to ms: the input layer's product at a big batch
+SGEMM_SHAPE = (1024, 784, 500)
+SMALL_SHAPES = ((20, 784, 500), (20, 500, 500), (20, 500, 10))  # what the EP configs really multiply
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One training budget: network, batch, phases, solver and the public code it is compared with."""
+
+    name: str
+    sizes: tuple[int, ...]
+    batch: int
+    free_steps: int
+    nudge_steps: int
+    eps: float
+    beta: float
+    variant: str = "positive"  # EP variant: positive (one-sided) or centered
+    method: str = "euler"
+    rho: str = "hard_sigmoid"
+    nudge_scale: str = "eps"
+    project: bool = True
+    repeats: int = 200
+    anchor: str | None = None
+    anchor_ms: float | None = None  # the anchor's ms per batch on this machine class (issue 4), 1 thread
+
+    @property
+    def nudged_phases(self) -> int:
+        return 2 if self.variant == "centered" else 1
+
+    def phases(self) -> str:
+        nudged = f"{self.nudged_phases}x{self.nudge_steps}" if self.nudged_phases > 1 else str(self.nudge_steps)
+        kind = {"positive": "P-EP", "centered": "C-EP"}[self.variant]
+        return f"{self.free_steps}+{nudged} {self.method} eps={self.eps:g} {kind}"
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    "A": BenchConfig("A", (784, 500, 10), 20, 20, 4, 0.5, 1.0, anchor="LA21", anchor_ms=9.5),
+    "B": BenchConfig("B", (784, 500, 10), 16, 15, 15, 0.5, 0.5, variant="centered", method="async",
+                     anchor="RAIN23", anchor_ms=11.7),
+    # ER19's leaky dynamics: logistic rho(s) = sigmoid(4 (s - 1/2)), nudge beta dC/dy unscaled by eps
+    "C": BenchConfig("C", (784, 500, 10), 20, 100, 12, 0.2, 0.1, rho="sigmoid4", nudge_scale="none",
+                     project=False, repeats=60, anchor="ER19", anchor_ms=43.6),
+    "D": BenchConfig("D", (784, 500, 500, 500, 10), 20, 500, 8, 0.5, 1.0, repeats=7),
+}
+
+
+# ------------------------------------------------------------------------------------------ FLOP floor
+def flop_floor(cfg: BenchConfig) -> float:
+    """FLOPs (2 per multiply-add) a lean EP step of ``cfg`` needs: x's drive once per batch (x is clamped in
+    every phase), both directions of every hidden-hidden or hidden-output matrix per step (Euler step or
+    block sweep alike), and the gradient as one fused difference: one product for W_1 (its pre side, x,
+    is the same in both phases), two for every other matrix (both of its sides moved)."""
+    n, b = cfg.sizes, cfg.batch
+    inner = sum(n[k] * n[k + 1] for k in range(1, len(n) - 1))  # matrices between free layers
+    steps = cfg.free_steps + cfg.nudged_phases * cfg.nudge_steps
+    macs = b * n[0] * n[1] + steps * 2 * b * inner + (b * n[0] * n[1] + 2 * b * inner)
+    return 2.0 * macs
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device,
+               reset: Callable[[], None] | None = None) -> list[float]:
+    """Wall-clock ms of ``fn`` per call (``reset`` runs between calls, untimed)."""
+    for _ in range(warmup):
+        fn()
+        if reset:
+            reset()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append((time.perf_counter() - start) * 1e3)
+        if reset:
+            reset()
+    return out
+
+
+def sgemm_gflops(shape: Sequence[int], device: torch.device, repeats: int = 15) -> float:
+    """Median float32 GFLOP/s of an (m x k) @ (k x n) product."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(m, k, generator=gen).to(device)
+    w = torch.rand(n, k, generator=gen).to(device)
+    out = torch.empty(m, n, device=device)
+    inner = max(1, int(2e7 // (m * k * n)))  # small products: time a loop, not the timer
+    ms = time_calls(lambda: [torch.mm(a, w.t(), out=out) for _ in range(inner)], repeats, 2, device)
+    return 2.0 * m * k * n * inner / (statistics.median(ms) * 1e-3) / 1e9
+
+
+def make_rho(name: str):
+    from earlyprop.nonlinearity import Sigmoid, get_nonlinearity
+
+    return Sigmoid(gain=4.0, shift=0.5) if name == "sigmoid4" else get_nonlinearity(name)
+
+
+def build_ep(cfg: BenchConfig, device: torch.device, seed: int = 0):
+    """The network (float32, Glorot) and the EP rule of ``cfg``."""
+    from earlyprop.network import Network
+    from earlyprop.rules import EquilibriumProp, Relaxation
+
+    net = Network.layered(cfg.sizes, make_rho(cfg.rho), seed=seed, dtype=torch.float32).to(device)
+    relaxation = Relaxation(eps=cfg.eps, free_steps=cfg.free_steps, nudge_steps=cfg.nudge_steps, project=cfg.project,
+                            nudge_scale=cfg.nudge_scale, method=cfg.method)
+    return net, EquilibriumProp(cfg.beta, cfg.variant, relaxation)
+
+
+def make_mlp(sizes: Sequence[int], device: torch.device, seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Sigmoid()]
+    return torch.nn.Sequential(*layers).to(device)
+
+
+def random_batches(cfg: BenchConfig, device: torch.device, count: int = 8, seed: int = 1) -> list:
+    """Inputs uniform in [0, 1] and random one-hot targets, float32."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        x = torch.rand(cfg.batch, cfg.sizes[0], generator=gen)
+        y = torch.nn.functional.one_hot(torch.randint(0, cfg.sizes[-1], (cfg.batch,), generator=gen),
+                                        cfg.sizes[-1]).float()
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+class Runner:
+    """One config's timed callables: the EP step (``compute_grads``) and the backprop step of the same MLP."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.batches = random_batches(cfg, device)
+        self.net, self.rule = build_ep(cfg, device)
+        self.mlp = make_mlp(cfg.sizes, device)
+        self.opt = torch.optim.SGD(self.mlp.parameters(), lr=0.1)
+        self.count = 0
+        self.ep: list[float] = []
+        self.bp: list[float] = []
+        self.bp_grads_only: list[float] = []
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.count += 1
+        return self.batches[self.count % len(self.batches)]
+
+    def ep_step(self) -> None:
+        self.rule.compute_grads(self.net, *self._batch())
+
+    def zero(self) -> None:  # what an optimizer's zero_grad(set_to_none=True) does, untimed
+        for p in self.net.parameters():
+            p.grad = None
+
+    def bp_grads(self) -> None:
+        x, y = self._batch()
+        self.opt.zero_grad(set_to_none=True)
+        (0.5 * ((self.mlp(x) - y) ** 2).sum(-1).mean()).backward()
+
+    def bp_step(self) -> None:
+        self.bp_grads()
+        self.opt.step()
+
+    def measure(self, count: int, warmup: int = 0) -> None:
+        self.ep += time_calls(self.ep_step, count, warmup, self.device, reset=self.zero)
+        self.bp += time_calls(self.bp_step, count, warmup, self.device)
+        self.bp_grads_only += time_calls(self.bp_grads, count, warmup, self.device)
+
+    def result(self) -> dict[str, Any]:
+        return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
+                "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
+                "repeats": len(self.ep)}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "platform": platform.platform(),
+                            "cpu": _cpu_name(), "cpu_count": _cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = None, rounds: int = 10,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole benchmark in this process; returns the report.
+
+    The measurements are interleaved: each of ``rounds`` rounds times a share of every config's EP and
+    backprop batches and the sgemm rate, so that a burst of load on a shared machine hits all of them
+    alike and the ratios (EP/BP, EP/floor) stay meaningful; medians are over all batches.
+    """
+    runners = {name: Runner(CONFIGS[name], device) for name in names}
+    counts = {name: repeats or CONFIGS[name].repeats for name in names}
+    rounds = max(1, min(rounds, *counts.values()))
+    rates = []
+    for r in range(rounds):
+        rates.append(sgemm_gflops(SGEMM_SHAPE, device, repeats=3 if r else 5))
+        for name, runner in runners.items():
+            if progress and r == 0:
+                cfg = runner.cfg
+                progress(f"config {name}: {'-'.join(map(str, cfg.sizes))}, {cfg.phases()}")
+            runner.measure(max(1, -(-counts[name] // rounds)), warmup=min(3, counts[name]) if r == 0 else 0)
+    gflops = statistics.median(rates)
+    small = {"x".join(map(str, s)): sgemm_gflops(s, device) for s in SMALL_SHAPES}
+    configs = {}
+    for name, runner in runners.items():
+        cfg, row = runner.cfg, runner.result()
+        floor = flop_floor(cfg)
+        row["flop_floor_mflop"] = floor / 1e6
+        row["flop_floor_ms"] = floor / (gflops * 1e9) * 1e3
+        row["ratio_to_floor"] = row["ms_per_batch"] / row["flop_floor_ms"]
+        row["ratio_to_bp"] = row["ms_per_batch"] / row["bp_ms_per_batch"]
+        row["anchor"], row["anchor_ms"] = cfg.anchor, cfg.anchor_ms
+        row["speedup_vs_anchor"] = cfg.anchor_ms / row["ms_per_batch"] if cfg.anchor_ms else None
+        row["network"], row["batch"], row["phases"] = "-".join(map(str, cfg.sizes)), cfg.batch, cfg.phases()
+        configs[name] = row
+    machine = machine_info(device)
+    machine["sgemm_shape"] = "x".join(map(str, SGEMM_SHAPE))
+    machine["sgemm_gflops_per_round"] = rates
+    machine["small_sgemm_gflops"] = small
+    machine["rounds"] = rounds
+    return {"configs": configs, "machine": machine, "matmul_gflops": gflops}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    gpu = f" ({m['gpu']})" if "gpu" in m else ""
+    small = ", ".join(f"{k}: {v:.0f}" for k, v in m["small_sgemm_gflops"].items())
+    lines = [
+        f"earlyprop bench: {m['device']}{gpu}, {m['cpu']}, torch {m['torch']}, {m['threads']} thread(s)",
+        f"sgemm {m['sgemm_shape']}: {report['matmul_gflops']:.1f} GFLOP/s (floors use this rate); "
+        f"batch-sized products {small} GFLOP/s",
+        "",
+        f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "
+        f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7}",
+    ]
+    for name, r in report["configs"].items():
+        anchor = f"{r['anchor']} {r['anchor_ms']:g}" if r["anchor"] else "-"
+        speedup = f"{r['speedup_vs_anchor']:.1f}x" if r["speedup_vs_anchor"] else "-"
+        lines.append(
+            f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
+            f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
+            f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7}")
+    lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
+              "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
+              "batch on this machine class, 1 thread (issue 4)"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ MNIST epoch
+def mnist_epoch(data_dir: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """One MNIST training epoch of config A (EP17's learning rates 0.1, 0.05) against one of the same MLP
+    trained by backprop (SGD 0.1); seconds per epoch, then test accuracy (untimed)."""
+    from earlyprop.data import load_dataset, to_tensors
+
+    cfg = CONFIGS["A"]
+    data = to_tensors(load_dataset("mnist", data_dir=data_dir), device=device)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.x_train), generator=gen).to(device)
+    n_classes = cfg.sizes[-1]
+    net, rule = build_ep(cfg, device, seed)
+    terms = list(net.interactions)
+    opt = torch.optim.SGD([{"params": [terms[0].weight, net.biases[0]], "lr": 0.1},
+                           {"params": [terms[1].weight, net.biases[1]], "lr": 0.05}])
+
+    def ep_epoch() -> None:
+        for start in range(0, len(order), cfg.batch):
+            idx = order[start:start + cfg.batch]
+            opt.zero_grad(set_to_none=True)
+            y = torch.nn.functional.one_hot(data.y_train[idx], n_classes).float()
+            rule.compute_grads(net, data.x_train[idx], y)
+            opt.step()
+
+    mlp = make_mlp(cfg.sizes, device, seed)
+    bp_opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+
+    def bp_epoch() -> None:
+        for start in range(0, len(order), cfg.batch):
+            idx = order[start:start + cfg.batch]
+            bp_opt.zero_grad(set_to_none=True)
+            y = torch.nn.functional.one_hot(data.y_train[idx], n_classes).float()
+            (0.5 * ((mlp(data.x_train[idx]) - y) ** 2).sum(-1).mean()).backward()
+            bp_opt.step()
+
+    ep_s = time_calls(ep_epoch, 1, 0, device)[0] / 1e3
+    bp_s = time_calls(bp_epoch, 1, 0, device)[0] / 1e3
+    with torch.no_grad():
+        chunks = range(0, len(data.x_test), 1000)
+        ep_right = sum(int((rule.predict(net, data.x_test[i:i + 1000]) == data.y_test[i:i + 1000]).sum())
+                       for i in chunks)
+        bp_right = sum(int((mlp(data.x_test[i:i + 1000]).argmax(-1) == data.y_test[i:i + 1000]).sum())
+                       for i in chunks)
+    n_train, n_test = len(data.x_train), len(data.x_test)
+    return {"config": "A", "batches": math.ceil(n_train / cfg.batch), "ep_seconds": ep_s, "bp_seconds": bp_s,
+            "ratio": ep_s / bp_s, "ep_test_accuracy": ep_right / n_test, "bp_test_accuracy": bp_right / n_test}

@@ -1,0 +1,108 @@
+"""``earlyprop bench``: ms per training batch of the EP budgets of issue 4 against backprop and the FLOP floor.
+
+Everything is measured in one process, so the ratios (EP/BP, EP/floor) compare like with like; the
+library lives in :mod:`earlyprop.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAMES = ("A", "B", "C", "D")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="speed: ms per EP training batch vs backprop and the FLOP floor (issue 4)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Median ms per training batch (free + nudged phases + weight gradients) of four EP budgets:\n"
+        "  A 784-500-10, batch 20, 20 free + 4 nudged Euler steps, one-sided EP (SB17/LA21)\n"
+        "  B 784-500-10, batch 16, 15 free + 2x15 nudged, centered EP, asynchronous solver (RAIN23)\n"
+        "  C 784-500-10, batch 20, Euler eps 0.2, 100 free + 12 nudged, ER19's leaky dynamics\n"
+        "  D 784-500-500-500-10, batch 20, 500 free + 8 nudged (EP17's deepest net)\n"
+        "each next to a backprop step of the same MLP and its FLOP floor at the sgemm rate of this run.",
+        epilog="example:\n  earlyprop bench\n  earlyprop bench --configs A,B --repeats 500 --json")
+    p.add_argument("--configs", type=_configs, default=list(CONFIG_NAMES), metavar="A,B,...",
+                   help="which configs to run (default A,B,C,D)")
+    p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+                   help="timed batches per config (default 200 for A and B, 60 for C, 7 for D)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default 1: the published anchors are single-thread numbers)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--mnist-epoch", action="store_true",
+                   help="also time one MNIST epoch of config A against a backprop epoch of the same MLP")
+    p.add_argument("--data-dir", default="../shared/data", help="folder holding mnist/ (default ../shared/data)")
+    return p
+
+
+def _configs(text: str) -> list[str]:
+    names = [part.strip().upper() for part in text.split(",") if part.strip()]
+    bad = [n for n in names if n not in CONFIG_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"configs must be a comma-separated subset of {','.join(CONFIG_NAMES)}, "
+                                         f"got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.mnist_epoch and not Path(args.data_dir).is_dir():  # fail before minutes of timing, not after
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist (needed by --mnist-epoch)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args, device)
+    finally:  # in-process callers keep their own setting
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, device) -> int:
+    from earlyprop.bench import format_table, mnist_epoch, run_bench
+
+    def progress(text: str) -> None:
+        print(f"earlyprop bench: {text}", file=sys.stderr, flush=True)
+
+    report = run_bench(args.configs, device, args.repeats, progress=None if args.json else progress)
+    if args.mnist_epoch:
+        progress("MNIST epoch of config A, EP then backprop")
+        report["mnist_epoch"] = mnist_epoch(args.data_dir, device)
+    if args.json:
+        print(json.dumps(_finite_or_null(report)))
+        return 0
+    print(format_table(report))
+    if "mnist_epoch" in report:
+        e = report["mnist_epoch"]
+        print(f"\nMNIST epoch, config A ({e['batches']} batches): EP {e['ep_seconds']:.2f} s "
+              f"(test accuracy {e['ep_test_accuracy']:.4f}), backprop {e['bp_seconds']:.2f} s "
+              f"(test accuracy {e['bp_test_accuracy']:.4f}); EP/BP {e['ratio']:.2f}")
+    return 0
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj

@@ -1,0 +1,66 @@
+"""Data-parallel training with PyTorch's own stack (``torchrun``): each rank relaxes its shard of the
+batch, and the parameter gradients, which the learning rules leave in ``.grad``, are all-reduced.
+
+Every rank draws the same data order from the same seeded generator and takes every ``world``-th
+example of each batch, so N processes see exactly the batches one process would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the job: rank and world size (1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, idx: Tensor) -> Tensor:
+        """This rank's examples of a global batch."""
+        return idx[self.rank::self.world] if self.world > 1 else idx
+
+    def average_grads(self, params: Sequence[torch.nn.Parameter], local: int, total: int) -> None:
+        """Turn per-rank batch-mean gradients into the gradient of the mean over the global batch."""
+        if self.world == 1:
+            return
+        for p in params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad.mul_(local / total)
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            p.grad = grad
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks (metrics)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+
+def current_group() -> Group:
+    if dist.is_available() and dist.is_initialized():
+        return Group(dist.get_rank(), dist.get_world_size())
+    return Group()
+
+
+def init_from_environment(device: str = "cpu") -> Group:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return current_group()
+    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return current_group()

@@ -1,0 +1,47 @@
+"""Data-parallel training over 2 CPU processes (gloo): same step as one process, and it learns."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+SRC = str(HERE.parents[1] / "src")
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def test_two_processes_take_the_same_step_as_one(tmp_path):
+    worker = str(HERE / "ddp_worker.py")
+    single = tmp_path / "single.safetensors"
+    subprocess.run([sys.executable, worker, "0", "1", "unused", str(single)], env=env(), check=True, timeout=120)
+    init, double = tmp_path / "init", tmp_path / "double.safetensors"
+    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(init), str(double)], env=env())
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    a, b = load_file(single), load_file(double)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-12), key
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
+
+
+def test_torchrun_trains_digits(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "earlyprop",
+         "train", "--rule", "stdp", "--hidden", "128", "--epochs", "5", "--solver", "async", "--free-steps", "20",
+         "--threads", "1", "--out", str(out), "--json"],
+        env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, result.stdout  # the summary is printed once, by rank 0
+    summary = json.loads(lines[0])
+    assert summary["test_accuracy"] > 0.90
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]

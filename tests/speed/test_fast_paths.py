@@ -1,0 +1,229 @@
+"""The fast paths change speed, never results (issue 4).
+
+The lean chain loop (solvers.Chain) runs for plain layered nets; adding a zero-weight term (a lateral
+matrix, or a skip connection for the bipartite solver) forces the general loop on the same energy, so
+the two can be compared in float64 to round-off. The fused EP difference is compared with the textbook
+two-call estimator, and the stacked centered phases with two separate relaxations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from earlyprop.dynamics import relax
+from earlyprop.interactions import Dense, Lateral
+from earlyprop.network import Network
+from earlyprop.nonlinearity import Sigmoid
+from earlyprop.rules import STDP, EquilibriumProp, Relaxation
+from earlyprop.solvers import Chain
+
+TOL = 1e-12
+SRC = Path(__file__).resolve().parents[2] / "src"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops with two OpenMP threads on a busy 2-core box wait on each other (100x slower seen here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def twin(sizes, rho, seed=1, skip=False):
+    """A lean (plain chain) network and its general twin: same weights plus one zero-weight term."""
+    net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=seed)
+    extra = Dense(0, 3, sizes[0], sizes[3]) if skip else Lateral(1, sizes[1])
+    terms = [*net.interactions, extra.to(torch.float64)]
+    general = Network(sizes, terms, net.rhos).to(torch.float64)
+    with torch.no_grad():
+        for a, b in zip(general.biases, net.biases):
+            a.copy_(b)
+    with torch.no_grad():
+        for network, lean in ((net, True), (general, False)):  # the comparison means something
+            state = network.init_state(torch.zeros(1, sizes[0], dtype=torch.float64))
+            assert (Chain.of(network, state, network.static_fields(state)) is not None) == lean
+    return net, general
+
+
+def data(sizes, batch=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, sizes[0], generator=gen, dtype=torch.float64)
+    d = torch.nn.functional.one_hot(torch.randint(0, sizes[-1], (batch,), generator=gen), sizes[-1]).double()
+    return x, d
+
+
+def assert_same(a, b, tol=TOL):
+    for u, v in zip(a, b):
+        assert u.shape == v.shape
+        assert float((u - v).abs().max()) <= tol
+
+
+SMALL, DEEP = (12, 9, 4), (12, 9, 7, 5, 4)
+PER_EXAMPLE = torch.tensor([0.5, -0.5, 0.5, 0.5, -0.5, 0.5], dtype=torch.float64)
+RHOS = [("hard_sigmoid", True), ("hard_sigmoid", False), (Sigmoid(4.0, 0.5), False), ("tanh", False)]
+NUDGES = [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE), dict(beta=-1.0), dict(beta=0.5, nudge_scale="none")]
+
+
+@pytest.mark.parametrize("sizes", [SMALL, DEEP])
+@pytest.mark.parametrize("rho,project", RHOS)
+@pytest.mark.parametrize("nudge", NUDGES)
+def test_euler_chain_matches_general_loop(sizes, rho, project, nudge):
+    net, general = twin(sizes, rho)
+    x, d = data(sizes)
+    kw = dict(steps=25, eps=0.5 if "nudge_scale" not in nudge else 0.2, project=project, **nudge)
+    if "beta" in nudge:
+        kw["target"] = d
+    fast, fd = relax(net, net.init_state(x), **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert_same(fast, slow)
+    assert fd.steps == sd.steps and abs(fd.residual - sd.residual) <= TOL
+
+
+@pytest.mark.parametrize("sizes", [SMALL, DEEP])
+def test_euler_chain_tolerance_and_trajectory(sizes):
+    net, general = twin(sizes, "hard_sigmoid")
+    x, d = data(sizes)
+    kw = dict(steps=400, eps=0.5, project=True, tol=1e-4, check_every=3, beta=0.3, target=d, record_trajectory=True)
+    fast, fd = relax(net, net.init_state(x), **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert fd.converged and sd.converged and fd.steps == sd.steps < 400
+    assert_same(fast, slow)
+    for a, b in zip(fd.trajectory, sd.trajectory):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0)])
+def test_block_solver_chain_matches_general_loop(nudge):
+    net, general = twin(DEEP, "hard_sigmoid", skip=True)  # a zero skip 0-3 keeps the energy bipartite
+    x, d = data(DEEP)
+    kw = dict(steps=12, eps=0.5, method="async", **nudge)
+    if "beta" in nudge:
+        kw["target"] = d
+    fast, fd = relax(net, net.init_state(x), **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert_same(fast, slow)
+    assert abs(fd.residual - sd.residual) <= TOL
+
+
+def test_nudged_phase_from_a_state_outside_the_box():
+    """A start outside [0, 1] (no projection yet) takes the generic rho/rho' until the first clip."""
+    net, general = twin(SMALL, "hard_sigmoid")
+    x, d = data(SMALL)
+    start = net.init_state(x)
+    start[1] = torch.linspace(-1.5, 2.0, start[1].numel(), dtype=torch.float64).view_as(start[1])
+    fast, _ = relax(net, start, steps=6, eps=0.5, project=True, beta=0.5, target=d)
+    slow, _ = relax(general, [t.clone() for t in start], steps=6, eps=0.5, project=True, beta=0.5, target=d)
+    assert_same(fast, slow)
+
+
+def grads_of(rule, network, x, d, seed=3):
+    for p in network.parameters():
+        p.grad = None
+    rule.compute_grads(network, x, d, generator=torch.Generator().manual_seed(seed))
+    return [p.grad.clone() for p in network.parameters()]
+
+
+def common(general_grads, net):
+    """The twin's gradients without its zero extra term (the last interaction's weight)."""
+    n = len(list(net.interactions))
+    return general_grads[:n] + general_grads[n + 1:]
+
+
+@pytest.mark.parametrize("variant", ["positive", "negative", "centered", "random_sign"])
+@pytest.mark.parametrize("method", ["euler", "async"])
+def test_ep_gradients_match_general_loop_and_textbook_estimator(variant, method):
+    net, general = twin(DEEP, "hard_sigmoid", skip=True)
+    x, d = data(DEEP)
+    rule = EquilibriumProp(0.5, variant, Relaxation(eps=0.5, free_steps=15, nudge_steps=6, method=method))
+    fast = grads_of(rule, net, x, d)
+    assert_same(fast, common(grads_of(rule, general, x, d), net))
+    # textbook: separate phases, two energy_param_grads calls, their difference
+    nu1, nu2 = rule.nudges(x.shape[0], torch.Generator().manual_seed(3), torch.float64, "cpu")
+    free, _ = relax(net, net.init_state(x), steps=15, eps=0.5, project=True, method=method)
+    phases = [free if not isinstance(nu, torch.Tensor) and nu == 0 else
+              relax(net, free, steps=6, eps=0.5, beta=nu, target=d, project=True, method=method)[0]
+              for nu in (nu1, nu2)]
+    w = 1.0 / (nu2 - nu1)
+    w = w if isinstance(w, torch.Tensor) else torch.full((x.shape[0],), w, dtype=torch.float64)
+    textbook = [a - b for a, b in zip(net.energy_param_grads(phases[1], w), net.energy_param_grads(phases[0], w))]
+    assert_same(fast, textbook)
+
+
+def test_ep_gradients_accumulate_into_existing_grads():
+    net, _ = twin(SMALL, "hard_sigmoid")
+    x, d = data(SMALL)
+    rule = EquilibriumProp(0.5, "centered", Relaxation(free_steps=10, nudge_steps=4))
+    once = grads_of(rule, net, x, d)
+    rule.compute_grads(net, x, d)
+    assert_same([p.grad for p in net.parameters()], [2 * g for g in once])
+
+
+@pytest.mark.parametrize("form", ["plain", "xie_seung", "tied"])
+def test_stdp_gradients_match_general_loop(form):
+    net, general = twin(SMALL, "hard_sigmoid")
+    x, d = data(SMALL)
+    rule = STDP(0.5, form, "centered", Relaxation(eps=0.5, free_steps=12, nudge_steps=5))
+    assert_same(grads_of(rule, net, x, d), common(grads_of(rule, general, x, d), net))
+
+
+def test_smooth_rate_training_step_matches_general_loop():
+    """ER19-style: logistic rates, eps 0.2, unscaled nudge (the bench's config C)."""
+    net, general = twin(SMALL, Sigmoid(4.0, 0.5))
+    x, d = data(SMALL)
+    rule = EquilibriumProp(0.1, "positive", Relaxation(eps=0.2, free_steps=30, nudge_steps=6, project=False,
+                                                       nudge_scale="none"))
+    assert_same(grads_of(rule, net, x, d), common(grads_of(rule, general, x, d), net))
+
+
+def mnist_like_batch(batch: int = 20) -> torch.Tensor:
+    """20 MNIST training images when ../shared/data has them, else sparse synthetic 28x28 images."""
+    if (MNIST_DIR / "mnist").is_dir():
+        from earlyprop.data import load_dataset, to_tensors
+
+        return to_tensors(load_dataset("mnist", data_dir=MNIST_DIR), dtype=torch.float64).x_train[:batch]
+    gen = torch.Generator().manual_seed(0)
+    ink = torch.rand(batch, 784, generator=gen, dtype=torch.float64) < 0.2
+    return torch.where(ink, torch.rand(batch, 784, generator=gen, dtype=torch.float64), 0.0)
+
+
+def test_async_solver_reaches_the_euler_fixed_point_in_fewer_steps():
+    net = Network.layered([784, 500, 10], "hard_sigmoid", seed=0, dtype=torch.float64)
+    x = mnist_like_batch()
+    euler, diag = relax(net, net.init_state(x), steps=5000, eps=0.5, project=True, tol=1e-4, check_every=1)
+    assert diag.converged
+    state, sweeps = net.init_state(x), 0
+    while True:  # one sweep at a time, scored by the same projected Euler residual
+        state, _ = relax(net, state, steps=1, eps=0.5, method="async")
+        sweeps += 1
+        _, check = relax(net, state, steps=0, eps=0.5, project=True)
+        if check.residual <= 1e-4 or sweeps >= diag.steps:
+            break
+    assert check.residual <= 1e-4
+    assert sweeps <= diag.steps / 2, (sweeps, diag.steps)  # seen: 100 vs 388 (MNIST), 194 vs 720 (synthetic)
+    # the same fixed point: both within a 1e-4 residual of it (slow directions leave ~1e-3 in the states)
+    assert_same(state, euler, tol=1e-2)
+    with torch.no_grad():
+        e_async, e_euler = float(net.energy(state).mean()), float(net.energy(euler).mean())
+    assert abs(e_async - e_euler) <= 1e-5 * abs(e_euler)
+
+
+def test_bench_cli_json():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)}
+    out = subprocess.run([sys.executable, "-m", "earlyprop", "bench", "--json", "--configs", "A", "--repeats", "3"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    row = report["configs"]["A"]
+    for key in ("ms_per_batch", "bp_ms_per_batch", "flop_floor_ms", "ratio_to_floor", "speedup_vs_anchor"):
+        assert isinstance(row[key], float) and row[key] > 0
+    assert row["flop_floor_mflop"] == pytest.approx(41.36, abs=0.01)  # 2 x 20.68M multiply-adds
+    assert report["matmul_gflops"] > 0 and report["machine"]["threads"] == 1
