@@ -25,10 +25,20 @@ class RunDirectory:
     def __init__(self, path: Path):
         self.path = path
         self.checkpoints = path / "checkpoints"
+        self._events = None
 
     def start(self, config: TrainConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.toml", dump_toml(config).encode())
+        self._events = _tensorboard_writer(self.path / "tensorboard")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars (``tensorboard/``), when the optional tensorboard package is installed."""
+        if self._events is None:
+            return
+        for name, value in values.items():
+            self._events.add_scalar(name, value, step)
+        self._events.flush()
 
     def write_table(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -45,6 +55,8 @@ class RunDirectory:
         atomic_write(self.path / "model.safetensors",
                      save_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}))
         atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        if self._events is not None:
+            self._events.close()
         try:
             from earlyprop.plots import plot_fidelity, plot_training
 
@@ -53,3 +65,11 @@ class RunDirectory:
                 plot_fidelity(fidelity, self.path / "fidelity.png")
         except ImportError as exc:  # matplotlib is optional at run time
             log(f"plots skipped: {exc}")
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional dependency
+        return None
+    return SummaryWriter(log_dir=str(folder))

@@ -241,6 +241,8 @@ class Trainer:
             if self.writer is not None:
                 self.writer.write_table("metrics.csv", [m.__dict__ for m in self.history])
                 self.writer.write_table("fidelity.csv", self.fidelity)
+                self.writer.log_scalars(epoch, {"accuracy/train": train_acc, "accuracy/test": test_acc,
+                                                "cost/train": train_cost, "cost/test": test_cost})
                 if self.config.checkpoint_every:
                     self.save_checkpoint(epoch + 1)
         seconds = time.perf_counter() - start

@@ -89,3 +89,14 @@ def test_shipped_configs_load():
     assert configs, "configs/*.toml missing"
     for path in configs:
         load_config(path)
+
+
+def test_tensorboard_events_when_tensorboard_is_installed(tmp_path):
+    # tensorboard is an optional dependency of earlyprop, installed by the test extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(load_config(None, {**FAST, "epochs": 2, "hidden": [16]}), out=tmp_path / "run", log=lambda _: None)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("accuracy/test")] == [1, 2]
+    assert 0.0 <= events.Scalars("accuracy/test")[-1].value <= 1.0

@@ -71,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="write a checkpoint every N batches (and at each epoch "
                    "end); 0 = off (default)")
     p.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: relaxation is many small "
+                   "products, and extra threads mostly add synchronisation; raise it for wide nets)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
