@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from earlyprop.commands import json_safe
+
 RHOS = ("hard_sigmoid", "sigmoid", "tanh")
 BOUNDED_RHOS = ("hard_sigmoid", "sigmoid")
 DEFAULT_SIZES = "12,40,30,30,20,6"
@@ -222,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
         from earlyprop.plots import plot_early_inference
 
         report["plot"] = str(plot_early_inference(result, args.plot, sizes=args.sizes, rho=args.rho))
-    print(json.dumps(_finite_or_null(report)) if args.json else format_table(report))
+    print(json.dumps(json_safe(report)) if args.json else format_table(report))
     for w in warnings:
         print(f"earlyprop: warning: {w}", file=sys.stderr)
     return 0
@@ -334,14 +336,3 @@ def format_table(report: dict[str, Any]) -> str:
     if "plot" in report:
         lines.append(f"plot written to {report['plot']}")
     return "\n".join(lines)
-
-
-def _finite_or_null(obj: Any) -> Any:
-    """JSON has no NaN/inf: a layer that never moved has cosine NaN, reported as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_null(v) for v in obj]
-    return obj

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from earlyprop.commands import json_safe
 
 CONFIG_NAMES = ("A", "B", "C", "D")
 
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace, device) -> int:
         progress("MNIST epoch of config A, EP then backprop")
         report["mnist_epoch"] = mnist_epoch(args.data_dir, device)
     if args.json:
-        print(json.dumps(_finite_or_null(report)))
+        print(json.dumps(json_safe(report)))
         return 0
     print(format_table(report))
     if "mnist_epoch" in report:
@@ -96,13 +97,3 @@ def _run(args: argparse.Namespace, device) -> int:
               f"(test accuracy {e['ep_test_accuracy']:.4f}), backprop {e['bp_seconds']:.2f} s "
               f"(test accuracy {e['bp_test_accuracy']:.4f}); EP/BP {e['ratio']:.2f}")
     return 0
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_null(v) for v in obj]
-    return obj
