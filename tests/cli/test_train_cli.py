@@ -93,3 +93,13 @@ def test_unknown_config_key_is_an_error(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--eps", "-1", "--debug", *QUICK)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_divergence_names_eps_beta_and_step(tmp_path):
+    # eps = 3 > 2 / lambda_max(H): the leaky integrator oscillates with growing amplitude until it overflows
+    result = run_cli("--rho", "tanh", "--eps", "3", "--epochs", "1", "--hidden", "16", "--free-steps", "400",
+                     "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "diverged" in lines[0] and "eps=3" in lines[0] and "beta=" in lines[0] and "step" in lines[0]
