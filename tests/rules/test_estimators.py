@@ -140,6 +140,7 @@ def test_make_rule_names_and_errors():
     assert make_rule("ep-symmetric").variant == "centered"
     assert make_rule("ep-random-sign").variant == "random_sign"
     assert make_rule("stdp").form == "plain"
+    assert make_rule("stdp-random-sign").variant == "random_sign"
     with pytest.raises(ValueError, match="unknown rule"):
         make_rule("hebb")
     with pytest.raises(ValueError, match="beta"):

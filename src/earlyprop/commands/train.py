@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-RULE_CHOICES = ("stdp", "stdp-symmetric", "ep", "ep-negative", "ep-random-sign", "ep-symmetric", "bptt", "rbp",
-                "backprop")
+RULE_CHOICES = ("stdp", "stdp-symmetric", "stdp-random-sign", "ep", "ep-negative", "ep-random-sign", "ep-symmetric",
+                "bptt", "rbp", "backprop")
 
 
 def _int_list(text: str) -> list[int]:

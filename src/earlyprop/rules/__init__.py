@@ -5,7 +5,8 @@ from earlyprop.rules.base import LearningRule, Relaxation, StepResult, accumulat
 from earlyprop.rules.contrastive import STDP, STDP_FORMS, VARIANTS, EquilibriumProp
 from earlyprop.rules.reference import BPTT, Backprop, RecurrentBackprop
 
-RULES = ("stdp", "ep", "ep-negative", "ep-random-sign", "ep-symmetric", "bptt", "rbp", "backprop")
+RULES = ("stdp", "stdp-symmetric", "stdp-random-sign", "ep", "ep-negative", "ep-random-sign", "ep-symmetric", "bptt",
+         "rbp", "backprop")
 
 
 def make_rule(name: str, *, beta: float = 1.0, relaxation: Relaxation | None = None, cost: Cost | None = None,
@@ -16,7 +17,7 @@ def make_rule(name: str, *, beta: float = 1.0, relaxation: Relaxation | None = N
     if name in eps_variants:
         return EquilibriumProp(beta, eps_variants[name], relaxation, cost)
     if name.startswith("stdp"):
-        variant = {"stdp": "positive", "stdp-symmetric": "centered"}.get(name)
+        variant = {"stdp": "positive", "stdp-symmetric": "centered", "stdp-random-sign": "random_sign"}.get(name)
         if variant is None:
             raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
         return STDP(beta, stdp_form, variant, relaxation, cost)
