@@ -75,8 +75,3 @@ class CrossEntropyReadout(Cost, nn.Module):
     def encode(self, labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
         return labels
 
-
-def get_cost(name: str) -> Cost:
-    if name in ("squared_error", "mse"):
-        return SquaredError()
-    raise ValueError(f"unknown cost {name!r}; use 'squared_error' (cross_entropy needs sizes: CrossEntropyReadout)")

@@ -277,10 +277,3 @@ def all_finite(t: Tensor) -> bool:
         return t.numel() == 0 or bool(torch.isfinite(t).all())
     return math.isfinite(float((t.detach() if t.requires_grad else t).sum())) or bool(torch.isfinite(t).all())
 
-
-def detach_state(state: Sequence[Tensor]) -> State:
-    return [s.detach().clone() for s in state]
-
-
-def lateral_terms(network: Network) -> list[Lateral]:
-    return [t for t in network.interactions if isinstance(t, Lateral)]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
-from earlyprop.dynamics import polish, relax
+from earlyprop.dynamics import polish, relax, residual
 from earlyprop.network import Network, State
 
 LATER_OFFSETS = (1, 3, 10)
@@ -104,8 +104,6 @@ def early_inference(
     if state is None:
         state, res = free_fixed_point(network, x)
     else:
-        from earlyprop.dynamics import residual
-
         res = residual(network, state)
     dist = layer_distances(network)
     deltas = layered_deltas(network, state, target, cost)
