@@ -5,6 +5,11 @@ weight gradients written to ``.grad``), the median ms of a plain backprop step o
 sizes (torch.nn Linear + sigmoid, MSE, zero_grad + forward + backward + SGD step), and the config's FLOP
 floor: the multiply-adds a lean implementation cannot avoid, converted to ms at the sgemm rate measured
 in the same run. Element-wise work (O(batch x units) per step) is left out of the floor.
+
+On CUDA the same code runs on the device: each timed call is bracketed by ``torch.cuda.synchronize`` (nothing
+inside it syncs but the library's own once-per-check and once-per-phase reads), after warm-up calls; the
+sgemm rate is measured on the device in float32, with the TF32 setting reported beside it. Config G
+(784-1024-1024-10, batch 256, config A's phases) is issue 4's GPU budget.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import Any
 
 import torch
 
-# the large sgemm whose rate converts FLOP floors to ms: the input layer's product at a big batch
+# the large sgemm whose rate converts FLOP floors to ms: the input layer's product at a big batch on CPU,
+# on a GPU a square product large enough to reach the device's fp32 peak
 SGEMM_SHAPE = (1024, 784, 500)
-SMALL_SHAPES = ((20, 784, 500), (20, 500, 500), (20, 500, 10))  # what the EP configs really multiply
+CUDA_SGEMM_SHAPE = (4096, 4096, 4096)
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,20 @@ CONFIGS: dict[str, BenchConfig] = {
     "C": BenchConfig("C", (784, 500, 10), 20, 100, 12, 0.2, 0.1, rho="sigmoid4", nudge_scale="none",
                      project=False, repeats=60, anchor="ER19", anchor_ms=43.6),
     "D": BenchConfig("D", (784, 500, 500, 500, 10), 20, 500, 8, 0.5, 1.0, repeats=7),
+    # issue 4's GPU budget: config A's phases (one-sided EP, 20 + 4 Euler steps, eps 0.5) on a wider net, batch 256
+    "G": BenchConfig("G", (784, 1024, 1024, 10), 256, 20, 4, 0.5, 1.0, repeats=50),
 }
+DEFAULT_CONFIGS = ("A", "B", "C", "D")
+
+
+def sgemm_shape(device: torch.device) -> tuple[int, int, int]:
+    return CUDA_SGEMM_SHAPE if device.type == "cuda" else SGEMM_SHAPE
+
+
+def small_shapes(configs: Sequence[BenchConfig]) -> list[tuple[int, int, int]]:
+    """The batch-sized products the configs really multiply: (batch, n_k, n_k+1) per weight matrix."""
+    shapes = {(c.batch, a, b) for c in configs for a, b in zip(c.sizes[:-1], c.sizes[1:])}
+    return sorted(shapes, key=lambda t: (t[0], -t[1], -t[2]))
 
 
 # ------------------------------------------------------------------------------------------ FLOP floor
@@ -84,9 +103,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warmup(device: torch.device) -> int:
+    """Untimed calls before timing: on a GPU the first calls also load kernels and grow the allocator's pool."""
+    return 5 if device.type == "cuda" else 2
+
+
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device,
                reset: Callable[[], None] | None = None) -> list[float]:
-    """Wall-clock ms of ``fn`` per call (``reset`` runs between calls, untimed)."""
+    """Wall-clock ms of ``fn`` per call (``reset`` runs between calls, untimed). On CUDA the device is
+    synchronised right before and right after each call, so a call's time includes all its device work."""
     for _ in range(warmup):
         fn()
         if reset:
@@ -104,14 +129,16 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.d
 
 
 def sgemm_gflops(shape: Sequence[int], device: torch.device, repeats: int = 15) -> float:
-    """Median float32 GFLOP/s of an (m x k) @ (k x n) product."""
+    """Median float32 GFLOP/s of an (m x k) @ (k x n) product (TF32 only if the caller enabled it)."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(m, k, generator=gen).to(device)
     w = torch.rand(n, k, generator=gen).to(device)
     out = torch.empty(m, n, device=device)
-    inner = max(1, int(2e7 // (m * k * n)))  # small products: time a loop, not the timer
-    ms = time_calls(lambda: [torch.mm(a, w.t(), out=out) for _ in range(inner)], repeats, 2, device)
+    # small products: time a loop, not the timer (on a GPU: enough launches to hide the synchronize, at most 256)
+    budget, cap = (2e9, 256) if device.type == "cuda" else (2e7, 10**6)
+    inner = max(1, min(cap, int(budget // (m * k * n))))
+    ms = time_calls(lambda: [torch.mm(a, w.t(), out=out) for _ in range(inner)], repeats, warmup(device), device)
     return 2.0 * m * k * n * inner / (statistics.median(ms) * 1e-3) / 1e9
 
 
@@ -198,11 +225,19 @@ class Runner:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "python": platform.python_version(), "platform": platform.platform(),
-                            "cpu": _cpu_name(), "cpu_count": _cpu_count()}
+    cpu = _cpu_name()
+    info: dict[str, Any] = {"device": str(device), "device_name": cpu, "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "python": platform.python_version(),
+                            "platform": platform.platform(), "cpu": cpu, "cpu_count": _cpu_count(),
+                            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = info["device_name"] = torch.cuda.get_device_name(device)
+        info.update(cuda=torch.version.cuda, gpu_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_sms=props.multi_processor_count,
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                    fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                    max_memory_allocated_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
     return info
 
 
@@ -231,19 +266,22 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
     backprop batches and the sgemm rate, so that a burst of load on a shared machine hits all of them
     alike and the ratios (EP/BP, EP/floor) stay meaningful; medians are over all batches.
     """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     runners = {name: Runner(CONFIGS[name], device) for name in names}
     counts = {name: repeats or CONFIGS[name].repeats for name in names}
     rounds = max(1, min(rounds, *counts.values()))
-    rates = []
+    big, rates = sgemm_shape(device), []
     for r in range(rounds):
-        rates.append(sgemm_gflops(SGEMM_SHAPE, device, repeats=3 if r else 5))
+        rates.append(sgemm_gflops(big, device, repeats=3 if r else 5))
         for name, runner in runners.items():
             if progress and r == 0:
                 cfg = runner.cfg
-                progress(f"config {name}: {'-'.join(map(str, cfg.sizes))}, {cfg.phases()}")
-            runner.measure(max(1, -(-counts[name] // rounds)), warmup=min(3, counts[name]) if r == 0 else 0)
+                progress(f"config {name}: {'-'.join(map(str, cfg.sizes))}, batch {cfg.batch}, {cfg.phases()}")
+            runner.measure(max(1, -(-counts[name] // rounds)), warmup=warmup(device) + 1 if r == 0 else 0)
     gflops = statistics.median(rates)
-    small = {"x".join(map(str, s)): sgemm_gflops(s, device) for s in SMALL_SHAPES}
+    small = {"x".join(map(str, s)): sgemm_gflops(s, device)
+             for s in small_shapes([runner.cfg for runner in runners.values()])}
     configs = {}
     for name, runner in runners.items():
         cfg, row = runner.cfg, runner.result()
@@ -257,7 +295,7 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
         row["network"], row["batch"], row["phases"] = "-".join(map(str, cfg.sizes)), cfg.batch, cfg.phases()
         configs[name] = row
     machine = machine_info(device)
-    machine["sgemm_shape"] = "x".join(map(str, SGEMM_SHAPE))
+    machine["sgemm_shape"] = "x".join(map(str, big))
     machine["sgemm_gflops_per_round"] = rates
     machine["small_sgemm_gflops"] = small
     machine["rounds"] = rounds
@@ -266,11 +304,12 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
 
 def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
-    gpu = f" ({m['gpu']})" if "gpu" in m else ""
+    gpu = f" ({m['gpu']}, CUDA {m.get('cuda')}, TF32 matmul {'on' if m.get('tf32_matmul') else 'off'})" \
+        if "gpu" in m else ""
     small = ", ".join(f"{k}: {v:.0f}" for k, v in m["small_sgemm_gflops"].items())
     lines = [
         f"earlyprop bench: {m['device']}{gpu}, {m['cpu']}, torch {m['torch']}, {m['threads']} thread(s)",
-        f"sgemm {m['sgemm_shape']}: {report['matmul_gflops']:.1f} GFLOP/s (floors use this rate); "
+        f"sgemm {m['sgemm_shape']} fp32: {report['matmul_gflops']:.1f} GFLOP/s (floors use this rate); "
         f"batch-sized products {small} GFLOP/s",
         "",
         f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "

@@ -12,10 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from earlyprop.conv import parse_conv_specs
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -32,6 +39,7 @@ class TrainConfig:
     rule: str = "stdp"
     stdp_form: str = "plain"
     hidden: list[int] = field(default_factory=lambda: [256])
+    conv: str = ""
     rho: str = "hard_sigmoid"
     output_rho: str | None = None
     cost: str = "squared_error"
@@ -57,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    amp: str = "none"
     monitor_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
@@ -71,7 +80,7 @@ class TrainConfig:
             (self.free_steps >= 1, f"free-steps must be >= 1, got {self.free_steps}"),
             (self.nudge_steps >= 1, f"nudge-steps must be >= 1, got {self.nudge_steps}"),
             (self.eval_steps >= 1, f"eval-steps must be >= 1, got {self.eval_steps}"),
-            (all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1,
+            (all(h >= 1 for h in self.hidden) and (len(self.hidden) >= 1 or bool(self.conv)),
              f"hidden must be a non-empty list of positive sizes, got {self.hidden}"),
             (all(math.isfinite(v) and v >= 0 for v in self.lr) and len(self.lr) >= 1,
              f"lr must be non-negative numbers, got {self.lr}"),
@@ -82,6 +91,7 @@ class TrainConfig:
             (self.nudge_scale in ("eps", "none"), f"nudge_scale must be 'eps' or 'none', got {self.nudge_scale!r}"),
             (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
+            (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
             (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),
             (self.checkpoint_every >= 0, f"checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
@@ -92,12 +102,35 @@ class TrainConfig:
                 raise ConfigError(message)
         if self.rule.startswith(("ep", "stdp")) and self.beta == 0:
             raise ConfigError(f"beta = 0 gives no learning signal with --rule {self.rule}; use beta != 0")
-        if len(self.lr) not in (1, len(self.hidden) + 1):
-            raise ConfigError(f"lr needs 1 or {len(self.hidden) + 1} values (one per weight layer), got {len(self.lr)}")
+        n_layers = self.n_weight_layers()
+        if len(self.lr) not in (1, n_layers):
+            raise ConfigError(f"lr needs 1 or {n_layers} values (one per weight layer), got {len(self.lr)}")
+        try:
+            parse_conv_specs(self.conv)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._check_device()
         return self
 
+    def _check_device(self) -> None:
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available here; use --device cpu "
+                              "or --device auto")
+        if self.amp != "none" and device.type != "cuda":
+            raise ConfigError(f"amp {self.amp!r} (mixed precision) needs a CUDA device, got device {self.device!r}")
+
+    def n_weight_layers(self) -> int:
+        """Conv layers + hidden layers + the output layer: one learning rate each."""
+        return len(parse_conv_specs(self.conv) if self.conv else []) + len(self.hidden) + 1
+
     def layer_lrs(self) -> list[float]:
-        return self.lr * (len(self.hidden) + 1) if len(self.lr) == 1 else list(self.lr)
+        return self.lr * self.n_weight_layers() if len(self.lr) == 1 else list(self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

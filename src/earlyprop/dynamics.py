@@ -21,7 +21,15 @@ from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State, all_finite
-from earlyprop.solvers import Chain, block_sweep, check_block_solvable, max_change, parity_groups
+from earlyprop.solvers import (
+    Chain,
+    block_sweep,
+    check_block_solvable,
+    device_max,
+    max_change,
+    nudge_curvature,
+    parity_groups,
+)
 
 NUDGE_SCALES = ("eps", "none")
 METHODS = ("euler", "async")
@@ -156,6 +164,10 @@ def relax(
     project : clip each layer onto its rate's bounds after every step (EP17 eq. 43).
     nudge_scale : ``"eps"`` (EP17 eq. 42) or ``"none"`` (ER19), THEORY A1.
     tol : stop once the residual max|ds/dt| is <= tol (checked every ``check_every`` steps).
+    check_every : steps between checks. The loop reads the device (a host sync on a GPU) only there: once per
+        check for finiteness, once more for the residual when ``tol`` is set; plus a fixed few per phase (input
+        validation, the final residual). Never every step, unless ``record_energy`` asks for a value per step
+        (tests/speed/test_host_syncs.py).
     fixed_layers : free layers held at their current value (e.g. a clamped output).
     record_energy : keep mean_batch F(s) = E + beta C after every step.
     record_trajectory : keep a copy of the state after every step (memory O(steps)).
@@ -205,10 +217,14 @@ def relax(
             euler = chain.euler_stepper(eps, nudge, nudge_factor, project)  # its measure-only call: the residual
             advance = chain.block_stepper(groups, nudge, beta_scale) if method == "async" else euler
         elif method == "async":
+            # the nudged layer's curvature, once per phase: with a per-example beta its sign test reads the device
+            curvature = nudge_curvature(nudge, beta_scale, s[network.driven]) if nudge is not None else None
+
             def advance(measure: bool) -> float | None:
                 before = [t.clone() for t in s] if measure else None
                 for group in groups:
-                    block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static)
+                    block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static,
+                                curvature=curvature)
                 return max_change(before, s, moving) if measure else None
         else:
             def advance(measure: bool) -> float | None:
@@ -271,12 +287,14 @@ def advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_p
 
 
 def _residual(s, deltas, bounds, eps) -> float:
-    worst = 0.0
+    """max over layers of max|projected step| / eps, read from the device once (not once per layer)."""
+    worst = []
     for layer, delta in deltas.items():
         lo_hi = bounds[layer]
         step = (s[layer] + delta).clamp(*lo_hi) - s[layer] if lo_hi is not None else delta
-        worst = max(worst, float(step.detach().abs().max()) / eps) if step.numel() else worst
-    return worst
+        if step.numel():
+            worst.append(step.detach().abs().max())
+    return device_max(worst) / eps
 
 
 def _mean_free_energy(network: Network, s: State, nudge: Nudge | None) -> float:
@@ -287,13 +305,24 @@ def _mean_free_energy(network: Network, s: State, nudge: Nudge | None) -> float:
 
 
 def _check_finite(s: State, moving: Sequence[int], step: int, eps: float, beta, chain: Chain | None = None) -> None:
-    if chain.finite() if chain is not None else all(all_finite(s[layer]) for layer in moving):
+    """Raise DivergenceError unless the moving layers are finite: one host sync (the loop calls it every
+    ``check_every`` steps and at the last one, never every step)."""
+    if chain.finite() if chain is not None else _layers_finite([s[layer] for layer in moving]):
         return
     beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
     raise DivergenceError(
         f"relaxation diverged: non-finite state by step {step} (eps={eps:g}, beta={beta_text}); "
         "reduce eps (stable when eps < 2/lambda_max(H)) or beta"
     )
+
+
+def _layers_finite(tensors: Sequence[Tensor]) -> bool:
+    """``all(all_finite(t) for t in tensors)`` with one device read: the sum of the layers' sums is finite unless
+    some element is not (or finite values overflowed, which the exact per-layer check then sorts out)."""
+    tensors = [t.detach() for t in tensors if t.numel()]
+    if len(tensors) < 2 or len({(t.dtype, t.device) for t in tensors}) > 1 or not tensors[0].is_floating_point():
+        return all(all_finite(t) for t in tensors)
+    return math.isfinite(float(torch.stack([t.sum() for t in tensors]).sum())) or all(all_finite(t) for t in tensors)
 
 
 def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std) -> None:

@@ -36,7 +36,22 @@ class Interaction(nn.Module):
         raise NotImplementedError
 
 
-class Dense(Interaction):
+class Coupling(Interaction):
+    """A term between two layers, ``pre`` (farther from the output) and ``post``, through one ``weight``.
+
+    ``feedforward(rho_pre)`` is the field it sends to ``post``: the feed-forward pass of the matching
+    network (the backprop baseline, ``rules.reference.Backprop``) uses it.
+    """
+
+    pre: int
+    post: int
+    weight: nn.Parameter
+
+    def feedforward(self, r_pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Dense(Coupling):
     """E = -rho(s_post)^T W rho(s_pre), W of shape (n_post, n_pre) (layered BF-4).
 
     Two layers interact through one matrix, so the feedback path uses W^T exactly
@@ -56,6 +71,9 @@ class Dense(Interaction):
                 f"weight of interaction {pre}->{post} has shape {tuple(weight.shape)}, expected {(n_post, n_pre)}"
             )
         self.weight = nn.Parameter(weight.clone())
+
+    def feedforward(self, r_pre: Tensor) -> Tensor:
+        return r_pre @ self.weight.T
 
     def energy(self, rates: list[Tensor]) -> Tensor:
         return -((rates[self.pre] @ self.weight.T) * rates[self.post]).sum(-1)

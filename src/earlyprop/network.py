@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from earlyprop.interactions import Dense, Interaction, Lateral, gaussian_fan_in, glorot_uniform
+from earlyprop.interactions import Coupling, Dense, Interaction, Lateral, gaussian_fan_in, glorot_uniform
 from earlyprop.nonlinearity import Nonlinearity, get_nonlinearity
 
 State = list[Tensor]
@@ -257,9 +257,9 @@ class Network(nn.Module):
                     queue.append(b)
         return dist
 
-    def layered_pairs(self) -> list[Dense]:
-        """The Dense terms between consecutive layers, in input-to-output order."""
-        return [t for t in self.interactions if isinstance(t, Dense) and t.post == t.pre + 1]
+    def layered_pairs(self) -> list[Coupling]:
+        """The two-layer terms between consecutive layers (dense or convolutional), input to output."""
+        return [t for t in self.interactions if isinstance(t, Coupling) and t.post == t.pre + 1]
 
     def extra_repr(self) -> str:
         rhos = ",".join(r.name for r in self.rhos)

@@ -43,14 +43,18 @@ def check_block_solvable(network: Network, layers: Sequence[int], nudged: bool, 
 
 
 def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge, beta_scale: float,
-                inplace: bool = True, static: list | None = None) -> None:
-    """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others."""
+                inplace: bool = True, static: list | None = None, curvature: tuple | None = None) -> None:
+    """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others.
+
+    ``curvature``: :func:`nudge_curvature` of the nudge, computed once per phase (it costs a host sync for a
+    per-example beta); computed here when None.
+    """
     rates = network.rates(s)
     fields = network.fields(s, rates, static, targets=layers)
     for layer in layers:
         bounds = network.rhos[layer].bounds
         if nudge is not None and layer == network.driven:
-            new = _nudged_minimiser(fields[layer], nudge, beta_scale, bounds)
+            new = _nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature)
         else:
             new = fields[layer].clamp(*bounds) if bounds is not None else fields[layer]
         if inplace:
@@ -59,16 +63,27 @@ def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge,
             s[layer] = new
 
 
-def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds) -> Tensor:
+def nudge_curvature(nudge, beta_scale: float, like: Tensor) -> tuple[float | Tensor, bool]:
+    """(a, convex): the curvature a = 1 + beta' of the driven layer's box problem in ``like``'s dtype and device
+    (a Python float for a scalar beta, exact in every dtype; a (batch, 1) tensor for a per-example beta), and
+    whether a > 0 everywhere. The per-example test reads the device once: call it once per phase, not per sweep."""
+    if isinstance(nudge.beta, Tensor):
+        a = (1.0 + nudge.beta[:, None] * beta_scale).to(dtype=like.dtype, device=like.device)
+        return a, bool((a > 0).all())
+    a = 1.0 + float(nudge.beta) * beta_scale
+    return a, a > 0
+
+
+def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tuple | None = None) -> Tensor:
     """argmin over the box of 1/2 a s^2 - b s with a = 1 + beta', b = h + beta' d.
 
     For a <= 0 (a negative nudge beta' <= -1) the function is concave or linear and its minimum
-    sits on a bound: the one with the lower value.
+    sits on a bound: the one with the lower value. No host sync when ``curvature`` is given.
     """
-    beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else torch.as_tensor(nudge.beta)
-    a = (1.0 + beta * beta_scale).to(h.dtype)
+    a, convex = curvature if curvature is not None else nudge_curvature(nudge, beta_scale, h)
+    beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
     b = h + beta * beta_scale * nudge.target
-    if bool((a > 0).all()):
+    if convex:
         new = b / a
         return new.clamp(*bounds) if bounds is not None else new
     if bounds is None:
@@ -77,8 +92,10 @@ def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds) -> Tensor:
     lo, hi = bounds
     value = lambda v: 0.5 * a * v * v - b * v  # noqa: E731
     on_bound = torch.where(value(hi) < value(lo), torch.full_like(b, hi), torch.full_like(b, lo))
-    convex = (b / a.clamp_min(torch.finfo(h.dtype).tiny)).clamp(lo, hi)
-    return torch.where(a > 0, convex, on_bound)
+    if not isinstance(a, Tensor):  # one curvature for the whole batch, and it is <= 0
+        return on_bound
+    convex_part = (b / a.clamp_min(torch.finfo(h.dtype).tiny)).clamp(lo, hi)
+    return torch.where(a > 0, convex_part, on_bound)
 
 
 def parity_groups(layers: Sequence[int]) -> list[list[int]]:
@@ -88,11 +105,20 @@ def parity_groups(layers: Sequence[int]) -> list[list[int]]:
 
 
 def max_change(before: Sequence[Tensor], after: Sequence[Tensor], layers: Sequence[int]) -> float:
-    """max |after - before| over the given layers (convergence measure of the block solver)."""
-    worst = torch.zeros(())
-    for layer in layers:
-        worst = torch.maximum(worst, (after[layer] - before[layer]).abs().max().cpu())
-    return float(worst)
+    """max |after - before| over the given layers (convergence measure of the block solver); one host sync."""
+    worst = [(after[layer] - before[layer]).abs().max() for layer in layers if after[layer].numel()]
+    return device_max(worst)
+
+
+def device_max(values: Sequence[Tensor]) -> float:
+    """The largest of some 0-d tensors as a float, read from the device once (not once per tensor)."""
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return float(values[0])
+    if len({(v.dtype, v.device) for v in values}) > 1:
+        return max(float(v) for v in values)
+    return float(torch.stack(list(values)).max())
 
 
 # --------------------------------------------------------------------------- the lean layered chain
@@ -163,8 +189,8 @@ class Chain:
 
     def scalar(self, value: float) -> Tensor:
         """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_slope)."""
-        if value not in self._scalars:
-            self._scalars[value] = torch.tensor(value, dtype=self.flat.dtype, device=self.flat.device)
+        if value not in self._scalars:  # a fill on the device: torch.tensor(value, device=cuda) would copy and sync
+            self._scalars[value] = torch.full((), value, dtype=self.flat.dtype, device=self.flat.device)
         return self._scalars[value]
 
     def views(self, flat: Tensor) -> list:
@@ -291,11 +317,12 @@ class Chain:
     def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float):
         """``advance(measure)``: one sweep of exact block minimisation (SC23), as ``block_sweep`` computes it."""
         n, plans = self.n, [self.clamp_plan(group) for group in groups]
-        if nudge is not None:
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else torch.as_tensor(nudge.beta)
-            a = (1.0 + beta * beta_scale).to(self.flat.dtype)
+        if nudge is not None:  # the curvature's host sync (per-example beta) happens here, once per phase
+            curvature = nudge_curvature(nudge, beta_scale, self.flat)
+            a, convex = curvature
+            a = a if isinstance(a, Tensor) else self.scalar(a)  # a 0-d tensor operand: no per-call wrapping
+            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
             pull = beta * beta_scale * nudge.target  # the products in the order _nudged_minimiser takes them
-            convex = bool((a > 0).all())
             static_pulled = self.static[n] + pull
 
         def advance(measure: bool) -> float | None:
@@ -308,7 +335,7 @@ class Chain:
                             self.field(r, k, self.s[k], static_pulled).div_(a)
                         else:
                             h = self.field(r, k, self.h[k])
-                            self.s[k].copy_(_nudged_minimiser(h, nudge, beta_scale, self.bounds[k]))
+                            self.s[k].copy_(_nudged_minimiser(h, nudge, beta_scale, self.bounds[k], curvature))
                     else:
                         self.field(r, k, self.s[k])
                 self.clamp(self.flat, plan, group)

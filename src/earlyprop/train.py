@@ -6,6 +6,7 @@ the gradient-fidelity monitor is on, ``fidelity.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from earlyprop.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from earlyprop.config import TrainConfig
+from earlyprop.conv import conv_network, parse_conv_specs
 from earlyprop.cost import CrossEntropyReadout, SquaredError
 from earlyprop.data import Dataset, check_features, load_dataset
 from earlyprop.distributed import current_group
@@ -30,14 +32,32 @@ from earlyprop.rundir import RunDirectory
 from earlyprop.trainstate import restore, snapshot
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_network(config: TrainConfig, n_features: int, n_classes: int) -> Network:
-    """The layered net n_features - hidden... - n_classes; inputs in [0,1] enter as they are."""
+def build_network(config: TrainConfig, n_features: int, n_classes: int,
+                  image_shape: tuple[int, ...] | None = None) -> Network:
+    """The layered net n_features - [conv...] - hidden... - n_classes; inputs in [0,1] enter as they are.
+
+    Conv layers (``config.conv``) need the inputs' ``image_shape`` (C, H, W)."""
+    if config.conv:
+        if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != n_features:
+            raise ValueError(f"conv layers need image inputs (channels, height, width); this data set's inputs have "
+                             f"shape {image_shape}: use --conv with digits, mnist, fashion-mnist or cifar10")
+        return conv_network(image_shape, parse_conv_specs(config.conv), config.hidden, n_classes, config.rho,
+                            input_rho="linear", output_rho=config.output_rho, gain=config.gain, seed=config.seed,
+                            dtype=DTYPES[config.dtype]).to(config.device)
     sizes = [n_features, *config.hidden, n_classes]
     return Network.layered(sizes, config.rho, input_rho="linear", output_rho=config.output_rho, init=config.init,
                            gain=config.gain,
                            seed=config.seed, dtype=DTYPES[config.dtype]).to(config.device)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def build_rule(config: TrainConfig, network: Network) -> LearningRule:
@@ -105,10 +125,12 @@ class Trainer:
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
 
     def __post_init__(self) -> None:
+        if self.config.device == "auto":
+            self.config = dataclasses.replace(self.config, device=resolve_device(self.config.device))
         c = self.config
         torch.manual_seed(c.seed)
         self.dtype = DTYPES[c.dtype]
-        self.network = build_network(c, self.dataset.n_features, self.dataset.n_classes)
+        self.network = build_network(c, self.dataset.n_features, self.dataset.n_classes, self.dataset.image_shape)
         check_features(self.dataset, self.network.sizes[0])
         self.rule = build_rule(c, self.network)
         self.optimizer = build_optimizer(c, self.network, self.rule)
@@ -165,7 +187,8 @@ class Trainer:
         target = self.rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
         state = self._particles(idx, xb)
         self.optimizer.zero_grad(set_to_none=True)
-        step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.rule_generator)
+        with self._autocast():
+            step = self.rule.compute_grads(self.network, xb, target, state=state, generator=self.rule_generator)
         self.group.average_grads(list(self.network.parameters()) + self.rule.extra_parameters(), len(idx),
                                  len(batch))
         if self.config.monitor_every and self.batches_seen % self.config.monitor_every == 0:
@@ -178,6 +201,12 @@ class Trainer:
         self.position.cost += float(step.cost.sum())
         self.position.seen += len(yb)
         self.batches_seen += 1
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast of the relaxation's products on CUDA (``--amp``); parameters stay float32."""
+        if self.config.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=AMP_DTYPES[self.config.amp])
 
     def _particles(self, idx: Tensor, xb: Tensor) -> list[Tensor] | None:
         if self.particles is None:
@@ -208,7 +237,8 @@ class Trainer:
         x, y = x[self.group.rank::self.group.world], y[self.group.rank::self.group.world]
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            output = rule.output(self.network, xb, relaxation)
+            with self._autocast():
+                output = rule.output(self.network, xb, relaxation).to(self.dtype)
             prediction = rule.cost.predict(output)
             target = rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
             correct += int((prediction == yb).sum())

@@ -69,6 +69,7 @@ def assert_same(a, b, tol=TOL):
 
 SMALL, DEEP = (12, 9, 4), (12, 9, 7, 5, 4)
 PER_EXAMPLE = torch.tensor([0.5, -0.5, 0.5, 0.5, -0.5, 0.5], dtype=torch.float64)
+MIXED = torch.tensor([0.5, -2.0, 0.5, 0.5, -2.0, 0.5], dtype=torch.float64)  # per example, some beta' <= -1
 RHOS = [("hard_sigmoid", True), ("hard_sigmoid", False), (Sigmoid(4.0, 0.5), False), ("tanh", False)]
 NUDGES = [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE), dict(beta=-1.0), dict(beta=0.5, nudge_scale="none")]
 
@@ -101,7 +102,7 @@ def test_euler_chain_tolerance_and_trajectory(sizes):
         assert_same(a, b)
 
 
-@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0)])
+@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0), dict(beta=MIXED)])
 def test_block_solver_chain_matches_general_loop(nudge):
     net, general = twin(DEEP, "hard_sigmoid", skip=True)  # a zero skip 0-3 keeps the energy bipartite
     x, d = data(DEEP)
@@ -216,10 +217,11 @@ def test_async_solver_reaches_the_euler_fixed_point_in_fewer_steps():
     assert abs(e_async - e_euler) <= 1e-5 * abs(e_euler)
 
 
-def test_bench_cli_json():
+def test_bench_cli_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)}
-    out = subprocess.run([sys.executable, "-m", "earlyprop", "bench", "--json", "--configs", "A", "--repeats", "3"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "earlyprop", "bench", "--json", "--configs", "A", "--repeats", "3",
+                          "--json-out", str(tmp_path / "bench.json")], capture_output=True, text=True, env=env,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     row = report["configs"]["A"]
@@ -227,3 +229,47 @@ def test_bench_cli_json():
         assert isinstance(row[key], float) and row[key] > 0
     assert row["flop_floor_mflop"] == pytest.approx(41.36, abs=0.01)  # 2 x 20.68M multiply-adds
     assert report["matmul_gflops"] > 0 and report["machine"]["threads"] == 1
+    assert report["machine"]["device_name"] and "float32_matmul_precision" in report["machine"]
+    assert json.loads((tmp_path / "bench.json").read_text())["configs"]["A"]["repeats"] == row["repeats"] == 3
+
+
+def test_bench_gpu_config_g():
+    """Issue 4's GPU budget: 784-1024-1024-10, batch 256, 20 + 4 Euler steps at eps 0.5, one-sided EP."""
+    from earlyprop.bench import CONFIGS, flop_floor, small_shapes
+    from earlyprop.commands.bench import _configs
+
+    g = CONFIGS["G"]
+    assert (g.sizes, g.batch, g.free_steps, g.nudge_steps, g.eps, g.method, g.variant) == \
+        ((784, 1024, 1024, 10), 256, 20, 4, 0.5, "euler", "positive")
+    # x's drive and the fused W1 gradient: 2 x 256x784x1024; 24 steps + the gradient: both directions of W2, W3
+    inner = 1024 * 1024 + 1024 * 10
+    assert flop_floor(g) == 2.0 * (2 * 256 * 784 * 1024 + (24 + 1) * 2 * 256 * inner)
+    assert small_shapes([g]) == [(256, 1024, 1024), (256, 1024, 10), (256, 784, 1024)]
+    assert _configs("a,g") == ["A", "G"]
+
+
+def test_bench_refuses_tf32_on_cpu_and_a_missing_json_folder(tmp_path, capsys):
+    from earlyprop.cli import main
+
+    assert main(["bench", "--configs", "A", "--tf32"]) == 2
+    assert "--tf32 applies to CUDA devices only" in capsys.readouterr().err
+    assert main(["bench", "--configs", "A", "--json-out", str(tmp_path / "missing" / "b.json")]) == 2
+    assert "--json-out" in capsys.readouterr().err
+
+
+def test_bench_machine_info_names_the_gpu(monkeypatch):
+    """The CUDA branch of the report (no GPU here: the device queries are stubbed)."""
+    from types import SimpleNamespace
+
+    from earlyprop.bench import format_table, machine_info
+
+    props = SimpleNamespace(major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    info = machine_info(torch.device("cuda"))
+    assert info["gpu"] == info["device_name"] == "NVIDIA H100 80GB HBM3"
+    assert info["gpu_capability"] == "9.0" and info["max_memory_allocated_mib"] == 3.0 and "tf32_matmul" in info
+    info.update(sgemm_shape="4096x4096x4096", small_sgemm_gflops={})
+    header = format_table({"machine": info, "matmul_gflops": 5e4, "configs": {}}).splitlines()[0]
+    assert header.startswith("earlyprop bench: cuda (NVIDIA H100 80GB HBM3, CUDA") and "TF32 matmul off" in header

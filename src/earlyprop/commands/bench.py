@@ -14,7 +14,8 @@ from typing import Any
 
 from earlyprop.commands import json_safe
 
-CONFIG_NAMES = ("A", "B", "C", "D")
+CONFIG_NAMES = ("A", "B", "C", "D", "G")
+DEFAULT_CONFIGS = ("A", "B", "C", "D")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,13 +27,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "  B 784-500-10, batch 16, 15 free + 2x15 nudged, centered EP, asynchronous solver (RAIN23)\n"
         "  C 784-500-10, batch 20, Euler eps 0.2, 100 free + 12 nudged, ER19's leaky dynamics\n"
         "  D 784-500-500-500-10, batch 20, 500 free + 8 nudged (EP17's deepest net)\n"
+        "  G 784-1024-1024-10, batch 256, 20 free + 4 nudged Euler steps eps 0.5, one-sided EP (the GPU budget;\n"
+        "    not in the default set)\n"
         "each next to a backprop step of the same MLP and its FLOP floor at the sgemm rate of this run.",
-        epilog="example:\n  earlyprop bench\n  earlyprop bench --configs A,B --repeats 500 --json")
-    p.add_argument("--configs", type=_configs, default=list(CONFIG_NAMES), metavar="A,B,...",
-                   help="which configs to run (default A,B,C,D)")
+        epilog="example:\n  earlyprop bench\n  earlyprop bench --configs A,B --repeats 500 --json\n"
+        "  earlyprop bench --device cuda --configs A,B,C,D,G --json-out bench.json")
+    p.add_argument("--configs", type=_configs, default=list(DEFAULT_CONFIGS), metavar="A,B,...",
+                   help="which configs to run, a subset of A,B,C,D,G (default A,B,C,D)")
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
-                   help="timed batches per config (default 200 for A and B, 60 for C, 7 for D)")
+                   help="timed batches per config (default 200 for A and B, 60 for C, 7 for D, 50 for G)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--tf32", action="store_true",
+                   help="allow TF32 for float32 matmuls on CUDA (default off: plain fp32, as reported)")
+    p.add_argument("--json-out", default=None, metavar="PATH",
+                   help="also write the JSON report to PATH (the table still goes to stdout)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default 1: the published anchors are single-thread numbers)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -66,15 +74,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mnist_epoch and not Path(args.data_dir).is_dir():  # fail before minutes of timing, not after
         raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist (needed by --mnist-epoch)")
+    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json-out {args.json_out!r}: its folder does not exist")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    threads = torch.get_num_threads()
+    if args.tf32 and device.type != "cuda":
+        raise ValueError("--tf32 applies to CUDA devices only")
+    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
     torch.set_num_threads(args.threads or 1)
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     try:
         return _run(args, device)
-    finally:  # in-process callers keep their own setting
+    finally:  # in-process callers keep their own settings
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _run(args: argparse.Namespace, device) -> int:
@@ -87,6 +101,8 @@ def _run(args: argparse.Namespace, device) -> int:
     if args.mnist_epoch:
         progress("MNIST epoch of config A, EP then backprop")
         report["mnist_epoch"] = mnist_epoch(args.data_dir, device)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(json_safe(report), indent=1) + "\n")
     if args.json:
         print(json.dumps(json_safe(report)))
         return 0

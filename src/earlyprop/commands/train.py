@@ -39,7 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "and report on them instead of the test set")
     p.add_argument("--rule", choices=RULE_CHOICES, help="learning rule (default stdp, the seed's rule)")
     p.add_argument("--stdp-form", choices=("plain", "xie_seung", "tied"), help="form of the STDP rule")
-    p.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 500 or 500,500")
+    p.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 500 or 500,500 ('' for none after "
+                   "--conv layers)")
+    p.add_argument("--conv", help="convolutional layers before the hidden ones, channels:kernel[:pool[:padding]] "
+                   "each, e.g. 32:5:max,64:5:max (pool max, avg or none; padding default kernel//2)")
     p.add_argument("--rho", choices=("hard_sigmoid", "sigmoid", "tanh"), help="rate nonlinearity")
     p.add_argument("--output-rho", choices=("hard_sigmoid", "sigmoid", "tanh", "linear"),
                    help="nonlinearity of the output layer (default: --rho; linear as in ER19-EB and SC23)")
@@ -64,7 +67,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "true gradient (recurrent backprop); 0 = off")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=("float32", "float64"))
-    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision for the relaxation on CUDA "
+                   "(parameters and states stay float32; default none)")
     p.add_argument("--out", type=Path, help="run directory for config, metrics.csv, plots and summary.json")
     p.add_argument("--force", action="store_true", help="allow writing into an existing, non-empty run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
@@ -82,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "output_rho", "cost", "epochs",
                 "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
                 "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every", "seed", "dtype",
-                "device", "checkpoint_every", "keep_checkpoints")
+                "device", "amp", "conv", "checkpoint_every", "keep_checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:

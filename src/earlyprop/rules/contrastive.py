@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost
-from earlyprop.interactions import Dense, Lateral
+from earlyprop.interactions import Coupling, Dense, Lateral
 from earlyprop.network import Network, State
 from earlyprop.rules.base import LearningRule, Relaxation, StepResult, accumulate_grads
 
@@ -228,7 +228,26 @@ class STDP(_Contrastive):
             else:
                 m = change[layer].T @ r0[layer] + r0[layer].T @ change[layer]
             return 0.5 * m * (1 - torch.eye(m.shape[0], dtype=m.dtype, device=m.device)) / batch
+        if isinstance(term, Coupling):  # any bilinear two-layer term: its own -dE/dtheta with substituted rates
+            return _coupling_update(term, r0, r1, change, rank, weights, self.form)
         raise NotImplementedError(f"the STDP rule does not know the interaction {type(term).__name__}")
+
+
+def _coupling_update(term: Coupling, r0, r1, change, rank, weights: Tensor, form: str) -> Tensor:
+    """The STDP products of a general coupling (e.g. a convolution), through its parameter gradient.
+
+    ``param_grads`` of a bilinear term is -mean_b r_post (x) r_pre, so the plain/Xie-Seung products
+    change_post (x) rho_pre are minus it at rates (pre: r0, post: change); the tied form is the
+    difference of -dE/dtheta between the two states.
+    """
+    if form == "tied":
+        return term.param_grads(r0, weights)[0] - term.param_grads(r1, weights)[0]
+    rates = list(r0)
+    if rank[term.post] <= rank[term.pre]:
+        rates[term.post] = change[term.post]
+    else:
+        rates[term.pre] = change[term.pre]
+    return -term.param_grads(rates)[0]
 
 
 def _closeness(network: Network) -> dict[int, int]:

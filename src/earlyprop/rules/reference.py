@@ -144,7 +144,7 @@ class Backprop(LearningRule):
         """
         u = x.to(network.dtype)
         for term in network.layered_pairs():
-            u = network.rhos[term.pre].rho(u) @ term.weight.T + network.bias(term.post)
+            u = term.feedforward(network.rhos[term.pre].rho(u)) + network.bias(term.post)
         return u
 
     def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
