@@ -77,6 +77,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
             (math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}"),
             (math.isfinite(self.beta), f"beta must be finite, got {self.beta}"),
+            (math.isfinite(self.gain) and self.gain > 0, f"gain must be > 0, got {self.gain}"),
+            (self.init in ("glorot", "gaussian"), f"init must be 'glorot' or 'gaussian', got {self.init!r}"),
             (self.free_steps >= 1, f"free-steps must be >= 1, got {self.free_steps}"),
             (self.nudge_steps >= 1, f"nudge-steps must be >= 1, got {self.nudge_steps}"),
             (self.eval_steps >= 1, f"eval-steps must be >= 1, got {self.eval_steps}"),
@@ -102,13 +104,13 @@ class TrainConfig:
                 raise ConfigError(message)
         if self.rule.startswith(("ep", "stdp")) and self.beta == 0:
             raise ConfigError(f"beta = 0 gives no learning signal with --rule {self.rule}; use beta != 0")
-        n_layers = self.n_weight_layers()
-        if len(self.lr) not in (1, n_layers):
-            raise ConfigError(f"lr needs 1 or {n_layers} values (one per weight layer), got {len(self.lr)}")
         try:
             parse_conv_specs(self.conv)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        n_layers = self.n_weight_layers()
+        if len(self.lr) not in (1, n_layers):
+            raise ConfigError(f"lr needs 1 or {n_layers} values (one per weight layer), got {len(self.lr)}")
         self._check_device()
         return self
 

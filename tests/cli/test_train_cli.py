@@ -75,6 +75,7 @@ def test_bad_data_is_one_line_exit_2_and_touches_nothing(tmp_path, case):
     (["--data", "mnist", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--data", "missing.npz"], "missing.npz"),
     (["--lr", "0.1,0.1,0.1"], "lr"),
+    (["--gain", "0"], "gain"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, args, message):
     result = run_cli(*args, *QUICK, cwd=tmp_path)
@@ -103,3 +104,13 @@ def test_divergence_names_eps_beta_and_step(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "diverged" in lines[0] and "eps=3" in lines[0] and "beta=" in lines[0] and "step" in lines[0]
+
+
+def test_init_and_gain_flags_reach_the_network(tmp_path):
+    """--init/--gain (issue 3: the initial weight scale matters for EP's generalisation) land in config.toml."""
+    out = tmp_path / "run"
+    result = run_cli("--data", write_npz(tmp_path / "d.npz"), "--init", "gaussian", "--gain", "0.5", "--out", out,
+                     *QUICK)
+    assert result.returncode == 0, result.stderr
+    text = (out / "config.toml").read_text()
+    assert 'init = "gaussian"' in text and "gain = 0.5" in text

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-rho", choices=("hard_sigmoid", "sigmoid", "tanh", "linear"),
                    help="nonlinearity of the output layer (default: --rho; linear as in ER19-EB and SC23)")
     p.add_argument("--cost", choices=("squared_error", "cross_entropy"), help="cost on the output layer")
+    p.add_argument("--init", choices=("glorot", "gaussian"), help="weight initialisation (default glorot)")
+    p.add_argument("--gain", type=float, help="scale of the initial weights (multiplies the glorot bound, or the "
+                   "gaussian std times sqrt(fan_in))")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=_float_list, help="learning rate, one value or one per weight layer (input first)")
@@ -84,10 +87,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "rho", "output_rho", "cost", "epochs",
-                "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "beta", "eps",
-                "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every", "seed", "dtype",
-                "device", "amp", "conv", "checkpoint_every", "keep_checkpoints")
+CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "conv", "rho", "output_rho", "cost",
+                "init", "gain", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
+                "beta", "eps", "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every",
+                "seed", "dtype", "device", "amp", "checkpoint_every", "keep_checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:
