@@ -46,11 +46,11 @@ def build_network(config: TrainConfig, n_features: int, n_classes: int,
                              f"shape {image_shape}: use --conv with digits, mnist, fashion-mnist or cifar10")
         return conv_network(image_shape, parse_conv_specs(config.conv), config.hidden, n_classes, config.rho,
                             input_rho="linear", output_rho=config.output_rho, gain=config.gain, seed=config.seed,
-                            dtype=DTYPES[config.dtype]).to(config.device)
+                            dtype=DTYPES[config.dtype]).to(resolve_device(config.device))
     sizes = [n_features, *config.hidden, n_classes]
     return Network.layered(sizes, config.rho, input_rho="linear", output_rho=config.output_rho, init=config.init,
                            gain=config.gain,
-                           seed=config.seed, dtype=DTYPES[config.dtype]).to(config.device)
+                           seed=config.seed, dtype=DTYPES[config.dtype]).to(resolve_device(config.device))
 
 
 def resolve_device(device: str) -> str:
@@ -65,7 +65,7 @@ def build_rule(config: TrainConfig, network: Network) -> LearningRule:
                             project=config.project, method=config.solver, nudge_scale=config.nudge_scale)
     if config.cost == "cross_entropy":
         n_out = network.sizes[network.driven]
-        cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(config.device)
+        cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(network.device)
     else:
         cost = SquaredError()
     return make_rule(config.rule, beta=config.beta, relaxation=relaxation, cost=cost, stdp_form=config.stdp_form,

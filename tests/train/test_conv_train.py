@@ -83,3 +83,13 @@ def test_cli_conv_on_flat_features_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "conv layers need image inputs" in lines[0], result.stderr
+
+
+def test_shipped_conv_configs_build_their_networks():
+    from earlyprop.train import build_network
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    cifar = build_network(load_config(root / "cifar10-la21.toml"), 3072, 10, (3, 32, 32))
+    assert cifar.sizes == (3072, 128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 10)
+    mnist = build_network(load_config(root / "mnist-conv.toml"), 784, 10, (1, 28, 28))
+    assert mnist.sizes == (784, 32 * 14 * 14, 64 * 7 * 7, 10)
