@@ -129,6 +129,12 @@ if [ $SECONDS -lt 170 ]; then
         --json-out "$OUT/bench_cuda_G_tf32.json"
 fi
 
+# 3b. issue 6's conv benchmark (configs/mnist-conv.toml's net, batch 64, centered EP)
+if [ $SECONDS -lt 180 ]; then
+    step "bench cuda M (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M ${REP[@]+"${REP[@]}"} \
+        --json-out "$OUT/bench_cuda_M.json"
+fi
+
 # 4. this machine's CPU, 1 thread (a quiet host, unlike the shared development VM)
 if [ $SECONDS -lt 150 ]; then
     step "bench cpu A,B,C,D" 60 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench --device cpu \

@@ -47,6 +47,9 @@ class BenchConfig:
     nudge_scale: str = "eps"
     project: bool = True
     repeats: int = 200
+    image: tuple[int, ...] = ()  # (C, H, W) of the input when the net starts with conv layers
+    conv: tuple[str, ...] = ()  # earlyprop.conv specs, e.g. ("32:5:max", "64:5:max")
+    gain: float = 1.0
     anchor: str | None = None
     anchor_ms: float | None = None  # the anchor's ms per batch on this machine class (issue 4), 1 thread
 
@@ -70,6 +73,9 @@ CONFIGS: dict[str, BenchConfig] = {
     "D": BenchConfig("D", (784, 500, 500, 500, 10), 20, 500, 8, 0.5, 1.0, repeats=7),
     # issue 4's GPU budget: config A's phases (one-sided EP, 20 + 4 Euler steps, eps 0.5) on a wider net, batch 256
     "G": BenchConfig("G", (784, 1024, 1024, 10), 256, 20, 4, 0.5, 1.0, repeats=50),
+    # issue 6's conv benchmark: configs/mnist-conv.toml's net and phases (centered EP, 30 + 2x8 Euler steps)
+    "M": BenchConfig("M", (784, 6272, 3136, 10), 64, 30, 8, 0.5, 0.5, variant="centered", repeats=6,
+                     image=(1, 28, 28), conv=("32:5:max", "64:5:max"), gain=0.5),
 }
 DEFAULT_CONFIGS = ("A", "B", "C", "D")
 
@@ -79,8 +85,8 @@ def sgemm_shape(device: torch.device) -> tuple[int, int, int]:
 
 
 def small_shapes(configs: Sequence[BenchConfig]) -> list[tuple[int, int, int]]:
-    """The batch-sized products the configs really multiply: (batch, n_k, n_k+1) per weight matrix."""
-    shapes = {(c.batch, a, b) for c in configs for a, b in zip(c.sizes[:-1], c.sizes[1:])}
+    """The batch-sized products the configs really multiply: (batch, n_k, n_k+1) per dense weight matrix."""
+    shapes = {(c.batch, a, b) for c in configs for a, b in list(zip(c.sizes[:-1], c.sizes[1:]))[len(c.conv):]}
     return sorted(shapes, key=lambda t: (t[0], -t[1], -t[2]))
 
 
@@ -90,10 +96,32 @@ def flop_floor(cfg: BenchConfig) -> float:
     every phase), both directions of every hidden-hidden or hidden-output matrix per step (Euler step or
     block sweep alike), and the gradient as one fused difference: one product for W_1 (its pre side, x,
     is the same in both phases), two for every other matrix (both of its sides moved)."""
+    if cfg.conv:
+        return conv_flop_floor(cfg)
     n, b = cfg.sizes, cfg.batch
     inner = sum(n[k] * n[k + 1] for k in range(1, len(n) - 1))  # matrices between free layers
     steps = cfg.free_steps + cfg.nudged_phases * cfg.nudge_steps
     macs = b * n[0] * n[1] + steps * 2 * b * inner + (b * n[0] * n[1] + 2 * b * inner)
+    return 2.0 * macs
+
+
+def conv_flop_floor(cfg: BenchConfig) -> float:
+    """As :func:`flop_floor` for a conv chain: a conv term costs C_out C_in k^2 MACs per output position (before
+    pooling) in each direction; the first term's drive once per batch, the others both ways every step, and
+    the gradient one correlation per term and phase pair."""
+    from earlyprop.conv import conv_network
+
+    net = conv_network(cfg.image, cfg.conv, [], cfg.sizes[-1], dtype=torch.float32)
+    per_term = []
+    for term in net.layered_pairs():
+        if hasattr(term, "conv_shape"):
+            c_out, c_in, k, _ = term.weight.shape
+            per_term.append(cfg.batch * c_out * c_in * k * k * term.conv_shape[1] * term.conv_shape[2])
+        else:
+            per_term.append(cfg.batch * term.weight.numel())
+    steps = cfg.free_steps + cfg.nudged_phases * cfg.nudge_steps
+    inner = sum(per_term[1:])
+    macs = per_term[0] + steps * 2 * inner + (per_term[0] + 2 * inner)
     return 2.0 * macs
 
 
@@ -153,18 +181,43 @@ def build_ep(cfg: BenchConfig, device: torch.device, seed: int = 0):
     from earlyprop.network import Network
     from earlyprop.rules import EquilibriumProp, Relaxation
 
-    net = Network.layered(cfg.sizes, make_rho(cfg.rho), seed=seed, dtype=torch.float32).to(device)
+    if cfg.conv:
+        from earlyprop.conv import conv_network
+
+        net = conv_network(cfg.image, cfg.conv, [], cfg.sizes[-1], make_rho(cfg.rho), gain=cfg.gain, seed=seed,
+                           dtype=torch.float32).to(device)
+    else:
+        net = Network.layered(cfg.sizes, make_rho(cfg.rho), seed=seed, dtype=torch.float32).to(device)
     relaxation = Relaxation(eps=cfg.eps, free_steps=cfg.free_steps, nudge_steps=cfg.nudge_steps, project=cfg.project,
                             nudge_scale=cfg.nudge_scale, method=cfg.method)
     return net, EquilibriumProp(cfg.beta, cfg.variant, relaxation)
 
 
-def make_mlp(sizes: Sequence[int], device: torch.device, seed: int = 0) -> torch.nn.Sequential:
+def make_mlp(sizes: Sequence[int], device: torch.device, seed: int = 0, cfg: BenchConfig | None = None
+             ) -> torch.nn.Sequential:
+    """The backprop baseline: Linear + sigmoid layers, or for a conv config the CNN with the same layers."""
     torch.manual_seed(seed)
+    if cfg is not None and cfg.conv:
+        return make_cnn(cfg).to(device)
     layers: list[torch.nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.Sigmoid()]
     return torch.nn.Sequential(*layers).to(device)
+
+
+def make_cnn(cfg: BenchConfig) -> torch.nn.Sequential:
+    from earlyprop.conv import parse_conv_specs
+
+    layers: list[torch.nn.Module] = [torch.nn.Unflatten(1, cfg.image)]
+    channels = cfg.image[0]
+    for spec in parse_conv_specs(list(cfg.conv)):
+        pad = spec.kernel // 2 if spec.padding is None else spec.padding
+        layers += [torch.nn.Conv2d(channels, spec.channels, spec.kernel, padding=pad)]
+        layers += {"max": [torch.nn.MaxPool2d(2)], "avg": [torch.nn.AvgPool2d(2)], "none": []}[spec.pool]
+        layers += [torch.nn.Sigmoid()]
+        channels = spec.channels
+    layers += [torch.nn.Flatten(), torch.nn.Linear(cfg.sizes[-2], cfg.sizes[-1]), torch.nn.Sigmoid()]
+    return torch.nn.Sequential(*layers)
 
 
 def random_batches(cfg: BenchConfig, device: torch.device, count: int = 8, seed: int = 1) -> list:
@@ -186,7 +239,7 @@ class Runner:
         self.cfg, self.device = cfg, device
         self.batches = random_batches(cfg, device)
         self.net, self.rule = build_ep(cfg, device)
-        self.mlp = make_mlp(cfg.sizes, device)
+        self.mlp = make_mlp(cfg.sizes, device, cfg=cfg)
         self.opt = torch.optim.SGD(self.mlp.parameters(), lr=0.1)
         self.count = 0
         self.ep: list[float] = []

@@ -273,3 +273,16 @@ def test_bench_machine_info_names_the_gpu(monkeypatch):
     info.update(sgemm_shape="4096x4096x4096", small_sgemm_gflops={})
     header = format_table({"machine": info, "matmul_gflops": 5e4, "configs": {}}).splitlines()[0]
     assert header.startswith("earlyprop bench: cuda (NVIDIA H100 80GB HBM3, CUDA") and "TF32 matmul off" in header
+
+
+def test_bench_conv_config_m_matches_the_mnist_conv_config():
+    """Issue 6's conv benchmark: configs/mnist-conv.toml's network; its backprop baseline is the same CNN."""
+    from earlyprop.bench import CONFIGS, conv_flop_floor, make_cnn
+
+    m = CONFIGS["M"]
+    assert m.sizes == (784, 32 * 14 * 14, 64 * 7 * 7, 10) and m.variant == "centered"
+    cnn = make_cnn(m)
+    assert tuple(cnn(torch.rand(3, 784)).shape) == (3, 10)
+    # conv1 drive: 64 x 32 x 25 x 28^2 MACs; conv2: 64 x 64 x 32 x 25 x 14^2; dense 64 x 3136 x 10
+    c1, c2, d = 64 * 32 * 25 * 784, 64 * 64 * 32 * 25 * 196, 64 * 3136 * 10
+    assert conv_flop_floor(m) == 2.0 * (c1 + (30 + 16) * 2 * (c2 + d) + c1 + 2 * (c2 + d))
