@@ -124,8 +124,6 @@ class TrainConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available here; use --device cpu "
                               "or --device auto")
-        if self.amp != "none" and device.type != "cuda":
-            raise ConfigError(f"amp {self.amp!r} (mixed precision) needs a CUDA device, got device {self.device!r}")
 
     def n_weight_layers(self) -> int:
         """Conv layers + hidden layers + the output layer: one learning rate each."""

@@ -173,6 +173,8 @@ class Chain:
         n = len(network.sizes) - 1
         if network.clamped != (0,) or network.driven != n or len(network.interactions) != n:
             return None
+        if autocast_enabled(state[0].device.type):  # its out= products need one dtype: mixed precision runs general
+            return None
         weights: list = [None] * n
         for term in network.interactions:
             if type(term) is not Dense or term.pre != term.post - 1:  # subclasses may change the field
@@ -342,6 +344,14 @@ class Chain:
             return float((self.flat - before).abs().max()) if measure and before.numel() else (0.0 if measure else None)
 
         return advance
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is active for this device type (``--amp``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no argument, CUDA only (CPU has its own query)
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _is_unit_hard_sigmoid(rho) -> bool:

@@ -203,10 +203,10 @@ class Trainer:
         self.batches_seen += 1
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16/fp16 autocast of the relaxation's products on CUDA (``--amp``); parameters stay float32."""
+        """bf16/fp16 autocast of the relaxation's products (``--amp``); parameters and gradients stay float32."""
         if self.config.amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=AMP_DTYPES[self.config.amp])
+        return torch.autocast(self.network.device.type, dtype=AMP_DTYPES[self.config.amp])
 
     def _particles(self, idx: Tensor, xb: Tensor) -> list[Tensor] | None:
         if self.particles is None:

@@ -47,7 +47,7 @@ def _digits():
     ({"conv": "16:3:max", "hidden": [], "lr": [0.1, 0.1, 0.1]}, "lr needs 1 or 2 values"),
     ({"hidden": []}, "hidden"),
     ({"device": "tpu9"}, "device"),
-    ({"amp": "bf16"}, "amp"),
+    ({"amp": "int8"}, "amp"),
 ])
 def test_bad_conv_and_device_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,3 +93,13 @@ def test_shipped_conv_configs_build_their_networks():
     assert cifar.sizes == (3072, 128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4, 512 * 2 * 2, 10)
     mnist = build_network(load_config(root / "mnist-conv.toml"), 784, 10, (1, 28, 28))
     assert mnist.sizes == (784, 32 * 14 * 14, 64 * 7 * 7, 10)
+
+
+def test_mixed_precision_trains_to_the_same_accuracy():
+    """--amp bf16: the relaxation's products run in bfloat16 (autocast; on CPU here), parameters stay float32."""
+    torch.set_num_threads(1)
+    base = dict(hidden=[128], epochs=5, solver="async", free_steps=20)
+    full = train(load_config(None, base), log=lambda _: None)
+    mixed = train(load_config(None, {**base, "amp": "bf16"}), log=lambda _: None)
+    assert mixed["test_accuracy"] > 0.90, mixed
+    assert abs(mixed["test_accuracy"] - full["test_accuracy"]) < 0.02, (mixed, full)

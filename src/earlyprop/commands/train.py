@@ -71,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=("float32", "float64"))
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision for the relaxation on CUDA "
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (autocast) for the relaxation "
                    "(parameters and states stay float32; default none)")
     p.add_argument("--out", type=Path, help="run directory for config, metrics.csv, plots and summary.json")
     p.add_argument("--force", action="store_true", help="allow writing into an existing, non-empty run directory")

@@ -62,7 +62,9 @@ class _Contrastive(LearningRule):
         free, _ = self.relaxation.free(network, start, static=static)
         nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
         phases = self._phases(network, free, nu1, nu2, target, static)
-        grads, owned = self._grads(network, phases[0], phases[1], 1.0 / (nu2 - nu1), x.shape[0])
+        # the estimate is a small difference of two phases: never in reduced precision, even under --amp
+        with torch.autocast(network.device.type, enabled=False):
+            grads, owned = self._grads(network, phases[0], phases[1], 1.0 / (nu2 - nu1), x.shape[0])
         accumulate_grads(list(network.parameters()), grads, owned=owned)
         value = self._readout_grads(free, target, network)
         return StepResult(free, value, self.cost.predict(free[network.driven]).detach())
