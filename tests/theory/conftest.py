@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from earlyprop import Network
+from earlyprop.dynamics import internal_force
 from earlyprop.experiments.early_inference import free_fixed_point, layer_distances, layered_deltas
 
 RC_SIZES = (5, 6, 5, 4, 3)
@@ -90,6 +91,45 @@ def with_free(net: Network, state: Sequence[Tensor], flat: Tensor) -> list[Tenso
     return out
 
 
+def random_free_state(net: Network, x: Tensor, seed: int = 1) -> list[Tensor]:
+    """x clamped, every free layer ~ N(0, 1) (THEORY T1 setup)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = net.init_state(x)
+    for m in net.free:
+        state[m] = torch.randn(state[m].shape, generator=gen, dtype=torch.float64)
+    return state
+
+
+def force_of_free(net: Network, state: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
+    """flat free state -> R(s) - s over the free layers (the loop's internal force), flattened."""
+
+    def force(flat: Tensor) -> Tensor:
+        f = internal_force(net, with_free(net, state, flat))
+        return torch.cat([f[m] for m in net.free], dim=-1)
+
+    return force
+
+
+def fd_energy_gradient(net: Network, state: Sequence[Tensor], h: float = 1e-6) -> Tensor:
+    """dE/ds of the free state by central finite differences of the energy."""
+    flat = flat_free(net, state)
+    fd = torch.empty_like(flat)
+    with torch.no_grad():
+        for i in range(flat.shape[1]):
+            up, down = flat.clone(), flat.clone()
+            up[:, i] += h
+            down[:, i] -= h
+            fd[:, i] = (net.energy(with_free(net, state, up)) - net.energy(with_free(net, state, down))) / (2 * h)
+    return fd
+
+
+def jacobian_asymmetry(net: Network, state: Sequence[Tensor]) -> Tensor:
+    """||J - J^T|| / ||J|| per example for J = dR/ds over the free layers (T2)."""
+    force = force_of_free(net, state)
+    jac = batched_jacobian(lambda f: force(f) + f, flat_free(net, state))
+    return (jac - jac.transpose(1, 2)).flatten(1).norm(dim=-1) / jac.flatten(1).norm(dim=-1)
+
+
 def autograd_energy_gradient(net: Network, state: Sequence[Tensor]) -> Tensor:
     """dE/ds of the free state by autograd of the energy (independent of the closed-form drive)."""
     flat = flat_free(net, state).detach().requires_grad_(True)
@@ -135,5 +175,7 @@ def th():
     return SimpleNamespace(
         rc_network=rc_network, rc_data=rc_data, build_reference=build_reference, flat_free=flat_free,
         with_free=with_free, autograd_energy_gradient=autograd_energy_gradient, batched_jacobian=batched_jacobian,
+        random_free_state=random_free_state, force_of_free=force_of_free, fd_energy_gradient=fd_energy_gradient,
+        jacobian_asymmetry=jacobian_asymmetry,
         energy_hessian=energy_hessian, cost_gradient=cost_gradient, rel_err=rel_err, unit_roundoff=UNIT_ROUNDOFF,
     )
