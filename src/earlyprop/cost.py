@@ -22,9 +22,18 @@ class Cost:
     def grad(self, y: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def predict(self, y: Tensor) -> Tensor:
-        """Class prediction from the driven layer (EP17 eq. 40: argmax, no softmax)."""
-        return y.argmax(-1)
+    def predict(self, y: Tensor, field: Tensor | None = None) -> Tensor:
+        """Class prediction from the driven layer (EP17 eq. 40: argmax, no softmax).
+
+        ``field``: the driven layer's input h = b + W rho(s_prev) at the same state. A bounded rate
+        projected onto its box ties at the bound (several units at exactly 1, or all at 0), and a
+        bare argmax would then answer the lowest index; among the units at the maximum the one with
+        the largest field wins instead. Without ties the answer is argmax(y) as before.
+        """
+        if field is None:
+            return y.argmax(-1)
+        top = y == y.max(-1, keepdim=True).values
+        return torch.where(top, field.to(y.dtype), torch.full_like(y, -torch.inf)).argmax(-1)
 
     def encode(self, labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
         """Integer labels to the target the cost expects (one-hot for squared error)."""
@@ -69,8 +78,8 @@ class CrossEntropyReadout(Cost, nn.Module):
             (g,) = torch.autograd.grad(self.value(y_, target).sum(), y_)
         return g
 
-    def predict(self, y: Tensor) -> Tensor:
-        return self.logits(y).argmax(-1)
+    def predict(self, y: Tensor, field: Tensor | None = None) -> Tensor:
+        return self.logits(y).argmax(-1)  # the logits are unbounded: no ties to break
 
     def encode(self, labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
         return labels

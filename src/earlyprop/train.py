@@ -238,8 +238,8 @@ class Trainer:
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
             with self._autocast():
-                output = rule.output(self.network, xb, relaxation).to(self.dtype)
-            prediction = rule.cost.predict(output)
+                output, prediction = rule.answer(self.network, xb, relaxation)
+            output = output.to(self.dtype)
             target = rule.cost.encode(yb, self.dataset.n_classes, self.dtype)
             correct += int((prediction == yb).sum())
             cost_sum += float(rule.cost.value(output, target).sum())

@@ -80,10 +80,23 @@ class LearningRule:
             free, _ = (relaxation or self.relaxation).free(network, network.init_state(x))
             return free[network.driven]
 
+    def answer(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> tuple[Tensor, Tensor]:
+        """(driven layer, class prediction) after a free relaxation from rest; ties broken by the field."""
+        with torch.no_grad():
+            free, _ = (relaxation or self.relaxation).free(network, network.init_state(x))
+            return free[network.driven], self.predict_state(network, free)
+
     def predict(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
         """Class prediction: argmax of the driven layer, or of the readout (EP17 eq. 40)."""
+        return self.answer(network, x, relaxation)[1]
+
+    def predict_state(self, network: Network, state: Sequence[Tensor]) -> Tensor:
+        """Prediction at a relaxed state: argmax of the driven layer, ties among the units at the maximum
+        (a bounded rate at its bound) broken by the driven layer's field, the input it was clipped from."""
         with torch.no_grad():
-            return self.cost.predict(self.output(network, x, relaxation))
+            driven = network.driven
+            field = network.fields(state, targets=[driven])[driven]
+            return self.cost.predict(state[driven], field).detach()
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters outside the energy that the rule trains too (e.g. a softmax readout)."""

@@ -67,7 +67,7 @@ class _Contrastive(LearningRule):
             grads, owned = self._grads(network, phases[0], phases[1], 1.0 / (nu2 - nu1), x.shape[0])
         accumulate_grads(list(network.parameters()), grads, owned=owned)
         value = self._readout_grads(free, target, network)
-        return StepResult(free, value, self.cost.predict(free[network.driven]).detach())
+        return StepResult(free, value, self.predict_state(network, free))
 
     def _phases(self, network: Network, free: State, nu1, nu2, target: Tensor, static: list) -> list:
         return [self._phase(network, free, nu, target, static) for nu in (nu1, nu2)]

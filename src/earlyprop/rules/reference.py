@@ -44,7 +44,7 @@ class BPTT(LearningRule):
             grads = torch.autograd.grad(value.mean(), params, allow_unused=True)
         accumulate_grads(params, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
         final = [s.detach() for s in final]
-        return StepResult(final, value.detach(), self.cost.predict(final[network.driven]).detach())
+        return StepResult(final, value.detach(), self.predict_state(network, final))
 
 
 class RecurrentBackprop(LearningRule):
@@ -63,7 +63,7 @@ class RecurrentBackprop(LearningRule):
         grads = self.gradient(network, free, target)
         accumulate_grads(list(network.parameters()), grads)
         value = self._readout_grads(free, target, network)
-        return StepResult(free, value, self.cost.predict(free[network.driven]).detach())
+        return StepResult(free, value, self.predict_state(network, free))
 
     def gradient(self, network: Network, free: State, target: Tensor) -> list[Tensor]:
         """dJ/dtheta of J = mean_batch C(s*(theta)), aligned with network.parameters()."""
@@ -161,3 +161,8 @@ class Backprop(LearningRule):
         """The MLP answers with its forward pass; there is nothing to relax."""
         with torch.no_grad():
             return self.forward(network, x)
+
+    def answer(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> tuple[Tensor, Tensor]:
+        """The forward pass and its argmax (a linear output has no ties to break)."""
+        y = self.output(network, x, relaxation)
+        return y, self.cost.predict(y)
