@@ -15,7 +15,6 @@ sgemm rate is measured on the device in float32, with the TF32 setting reported 
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from earlyprop.machine import machine_info
 
 # the large sgemm whose rate converts FLOP floors to ms: the input layer's product at a big batch on CPU,
 # on a GPU a square product large enough to reach the device's fp32 peak
@@ -275,40 +276,6 @@ class Runner:
         return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
                 "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
                 "repeats": len(self.ep)}
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = _cpu_name()
-    info: dict[str, Any] = {"device": str(device), "device_name": cpu, "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "python": platform.python_version(),
-                            "platform": platform.platform(), "cpu": cpu, "cpu_count": _cpu_count(),
-                            "float32_matmul_precision": torch.get_float32_matmul_precision()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = info["device_name"] = torch.cuda.get_device_name(device)
-        info.update(cuda=torch.version.cuda, gpu_capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_sms=props.multi_processor_count,
-                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                    fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-                    max_memory_allocated_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
 def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = None, rounds: int = 10,

@@ -261,7 +261,8 @@ def test_bench_machine_info_names_the_gpu(monkeypatch):
     """The CUDA branch of the report (no GPU here: the device queries are stubbed)."""
     from types import SimpleNamespace
 
-    from earlyprop.bench import format_table, machine_info
+    from earlyprop.bench import format_table
+    from earlyprop.machine import machine_info
 
     props = SimpleNamespace(major=9, minor=0, total_memory=80 * 2**30, multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
