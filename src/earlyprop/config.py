@@ -61,7 +61,7 @@ class TrainConfig:
     persistent: bool = False
     truncation: int | None = None
     init: str = "glorot"
-    gain: float = 1.0
+    gain: float = 0.25  # initial weights: Glorot bound (or fan-in std) times gain; small helps EP (README)
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
