@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cost", choices=("squared_error", "cross_entropy"), help="cost on the output layer")
     p.add_argument("--init", choices=("glorot", "gaussian"), help="weight initialisation (default glorot)")
     p.add_argument("--gain", type=float, help="scale of the initial weights (multiplies the glorot bound, or the "
-                   "gaussian std times sqrt(fan_in))")
+                   "gaussian std times sqrt(fan_in); default 0.25)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=_float_list, help="learning rate, one value or one per weight layer (input first)")
