@@ -175,19 +175,24 @@ class Network(nn.Module):
         the input's drive at every step of a phase. ``targets`` limits the work to those free layers.
         """
         rates = self.rates(state) if rates is None else list(rates)
-        out: list[Tensor | None] = list(static) if static is not None else self.static_fields(state, rates)
+        out: list[Tensor | None] = list(static) if static is not None else self.static_fields(state, rates, targets)
         for term in self._free_terms():
             for layer, field in term.fields(rates, self.free if targets is None else targets).items():
                 out[layer] = out[layer] + field
         return out
 
-    def static_fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None) -> list[Tensor | None]:
-        """The part of each free layer's field that only depends on clamped layers: bias + input drive."""
+    def static_fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None,
+                      targets: Sequence[int] | None = None) -> list[Tensor | None]:
+        """The part of each free layer's field that only depends on clamped layers: bias + input drive.
+
+        ``targets`` limits the work to those free layers (the others stay None)."""
+        layers = self.free if targets is None else [m for m in self.free if m in targets]
         out: list[Tensor | None] = [None] * len(self.sizes)
         batch = state[self.clamped[0]].shape[0] if self.clamped else state[self.free[0]].shape[0]
-        for layer in self.free:
+        for layer in layers:
             out[layer] = self.bias(layer).expand(batch, self.sizes[layer])
-        input_terms = [t for t in self.interactions if not self._couples_free_layers_only(t)]
+        input_terms = [t for t in self.interactions if not self._couples_free_layers_only(t)
+                       and any(m in layers for m in t.layers)]
         if input_terms:
             clamped_rates = [(rates[i] if rates is not None else self.rhos[i].rho(s)) if i in self.clamped else None
                              for i, s in enumerate(state)]  # the free layers' rates do not enter
@@ -196,7 +201,7 @@ class Network(nn.Module):
                     # b + rho(x) W^T as one addmm: no separate product and sum (this runs once per batch)
                     out[term.post] = torch.addmm(out[term.post], clamped_rates[term.pre], term.weight.T)
                     continue
-                for layer, field in term.fields(clamped_rates, self.free).items():
+                for layer, field in term.fields(clamped_rates, layers).items():
                     out[layer] = out[layer] + field
         return out
 

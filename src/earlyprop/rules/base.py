@@ -74,12 +74,6 @@ class LearningRule:
     ) -> StepResult:
         raise NotImplementedError
 
-    def output(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
-        """The driven layer after a free relaxation from rest: what the network answers."""
-        with torch.no_grad():
-            free, _ = (relaxation or self.relaxation).free(network, network.init_state(x))
-            return free[network.driven]
-
     def answer(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> tuple[Tensor, Tensor]:
         """(driven layer, class prediction) after a free relaxation from rest; ties broken by the field."""
         with torch.no_grad():

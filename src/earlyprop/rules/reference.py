@@ -157,12 +157,8 @@ class Backprop(LearningRule):
         accumulate_grads(params, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
         return StepResult(network.init_state(x), value.detach(), self.cost.predict(y).detach())
 
-    def output(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> Tensor:
-        """The MLP answers with its forward pass; there is nothing to relax."""
-        with torch.no_grad():
-            return self.forward(network, x)
-
     def answer(self, network: Network, x: Tensor, relaxation: Relaxation | None = None) -> tuple[Tensor, Tensor]:
-        """The forward pass and its argmax (a linear output has no ties to break)."""
-        y = self.output(network, x, relaxation)
+        """The forward pass (nothing to relax) and its argmax (a linear output has no ties to break)."""
+        with torch.no_grad():
+            y = self.forward(network, x)
         return y, self.cost.predict(y)
