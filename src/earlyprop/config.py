@@ -56,6 +56,7 @@ class TrainConfig:
     nudge_steps: int = 4
     eval_steps: int = 40
     solver: str = "euler"
+    omega: float = 1.0  # over-relaxation of the async solver (1 = exact block updates)
     nudge_scale: str = "eps"
     project: bool = True
     persistent: bool = False
@@ -92,6 +93,8 @@ class TrainConfig:
              f"cost must be 'squared_error' or 'cross_entropy', got {self.cost!r}"),
             (self.nudge_scale in ("eps", "none"), f"nudge_scale must be 'eps' or 'none', got {self.nudge_scale!r}"),
             (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
+            (0.0 < self.omega < 2.0, f"omega must be in (0, 2), got {self.omega}"),
+            (self.omega == 1.0 or self.solver == "async", f"omega = {self.omega} needs --solver async"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
             (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),

@@ -149,6 +149,9 @@ def relax(
     differentiable: bool = False,
     method: str = "euler",
     static: Sequence[Tensor | None] | None = None,
+    omega: float = 1.0,
+    validate: bool = True,
+    final_residual: bool = True,
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -176,6 +179,14 @@ def relax(
     method : ``"euler"`` (the leaky integrator above, what theory checks use) or ``"async"``: exact
         block minimisation of even then odd layers per step (SC23; see :mod:`earlyprop.solvers`),
         same fixed points, for layered hard-sigmoid/linear nets; its residual is max|s change| per step.
+    omega : over-relaxation of the asynchronous solver, 0 < omega < 2: each block moves omega of the way to its
+        minimiser, then is projected (projected block SOR). 1 (default) is SC23's exact block update; the
+        fixed points do not depend on omega, and each block update lowers the energy (:mod:`earlyprop.solvers`).
+    validate : scan the start state for NaN/inf (shapes are always checked). False for a state this library made
+        and already checked: ``init_state`` of a checked input, or the result of a previous relax (its last step
+        is always checked), as the learning rules' phases do; one device read per layer saved.
+    final_residual : when the loop did not measure it (``tol`` None or not met), evaluate the residual at the
+        returned state (one more field evaluation and a device read); False leaves ``Diagnostics.residual`` NaN.
     static : ``network.static_fields(state)`` (bias + drive of the clamped layers), computed here when None;
         passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
 
@@ -186,9 +197,10 @@ def relax(
     ------
     ValueError on bad arguments; DivergenceError when the state becomes non-finite.
     """
-    _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std)
+    _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std, validate)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_omega(omega, method)
     with torch.enable_grad() if differentiable else torch.no_grad():
         nudge = make_nudge(beta, target, cost)
         _check_nudge_fits(network, nudge, state)
@@ -215,7 +227,7 @@ def relax(
             groups = parity_groups(moving)
         if chain is not None:
             euler = chain.euler_stepper(eps, nudge, nudge_factor, project)  # its measure-only call: the residual
-            advance = chain.block_stepper(groups, nudge, beta_scale) if method == "async" else euler
+            advance = chain.block_stepper(groups, nudge, beta_scale, omega) if method == "async" else euler
         elif method == "async":
             # the nudged layer's curvature, once per phase: with a per-example beta its sign test reads the device
             curvature = nudge_curvature(nudge, beta_scale, s[network.driven]) if nudge is not None else None
@@ -224,7 +236,7 @@ def relax(
                 before = [t.clone() for t in s] if measure else None
                 for group in groups:
                     block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static,
-                                curvature=curvature)
+                                curvature=curvature, omega=omega)
                 return max_change(before, s, moving) if measure else None
         else:
             def advance(measure: bool) -> float | None:
@@ -259,7 +271,9 @@ def relax(
                 if residual <= tol:
                     converged = True
                     break
-        if not converged:
+        if not converged and not final_residual:
+            residual = math.nan
+        elif not converged:
             residual = euler(True, commit=False) if chain is not None else \
                 advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor, static)
             converged = tol is not None and residual <= tol
@@ -325,7 +339,15 @@ def _layers_finite(tensors: Sequence[Tensor]) -> bool:
     return math.isfinite(float(torch.stack([t.sum() for t in tensors]).sum())) or all(all_finite(t) for t in tensors)
 
 
-def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std) -> None:
+def _check_omega(omega: float, method: str) -> None:
+    if not isinstance(omega, int | float) or not 0.0 < omega < 2.0:
+        raise ValueError(f"omega (over-relaxation) must be in (0, 2), got {omega!r}")
+    if omega != 1.0 and method != "async":
+        raise ValueError(f"omega = {omega} over-relaxes the asynchronous solver only; use method='async'")
+
+
+def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std,
+                     validate: bool = True) -> None:
     if not isinstance(eps, int | float) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -338,7 +360,7 @@ def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check
         raise ValueError(f"check_every must be >= 1, got {check_every!r}")
     if nudge_scale not in NUDGE_SCALES:
         raise ValueError(f"nudge_scale must be one of {NUDGE_SCALES}, got {nudge_scale!r}")
-    network.check_state(state)
+    network.check_state(state, values=validate)
 
 
 # --------------------------------------------------------------------------- Newton polish

@@ -140,24 +140,24 @@ class Network(nn.Module):
             state[layer] = torch.zeros(batch, self.sizes[layer], dtype=self.dtype, device=self.device)
         return state
 
-    def check_state(self, state: Sequence[Tensor]) -> None:
-        """Raise ValueError on a state of the wrong length, shape or with non-finite values."""
+    def check_state(self, state: Sequence[Tensor], values: bool = True) -> None:
+        """Raise ValueError on a state of the wrong length, shape or (``values``) with non-finite values."""
         if len(state) != len(self.sizes):
             raise ValueError(f"state has {len(state)} layers, network has {len(self.sizes)}")
         batch = state[0].shape[0] if state[0].dim() else None
         for layer, s in enumerate(state):
-            self._check_layer_tensor(s, layer, "state")
+            self._check_layer_tensor(s, layer, "state", values)
             if s.shape[0] != batch:
                 raise ValueError(f"state layer {layer} has batch size {s.shape[0]}, layer 0 has {batch}")
 
-    def _check_layer_tensor(self, t: Tensor, layer: int, what: str) -> None:
+    def _check_layer_tensor(self, t: Tensor, layer: int, what: str, values: bool = True) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{what} of layer {layer} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2 or t.shape[1] != self.sizes[layer]:
             raise ValueError(
                 f"{what} of layer {layer} has shape {tuple(t.shape)}, expected (batch, {self.sizes[layer]})"
             )
-        if not all_finite(t):
+        if values and not all_finite(t):
             raise ValueError(f"{what} of layer {layer} contains NaN or inf")
 
     # ----------------------------------------------------------------- the energy

@@ -9,6 +9,14 @@ the minimiser of F = E + beta C in s_l, with squared-error cost on the driven la
 
 where h_l is the layer's field b_l + sum W rho(neighbours) and beta' = beta (nudge_scale "eps")
 or beta / eps ("none"), so that the fixed points are exactly those of the Euler loop.
+
+Over-relaxation (projected block SOR): with ``omega`` != 1 each block moves ``omega`` of the way to its
+unconstrained minimiser m_l and is then projected, s_l <- clip(s_l + omega (m_l - s_l), 0, 1). Given its
+neighbours a block's energy is (a/2)|s_l - m_l|^2 + const with a > 0 and separable over units, so for
+0 < omega < 2 every block update still lowers the energy, and the fixed points (s_l = clip(m_l)) are the same
+as omega = 1's. For omega > 1 it is clip(s_l + omega (clip(m_l) - s_l)): units whose minimiser lies outside
+the box still land on the bound. Near a fixed point with a slowly converging (nearly critical) mode this
+cuts the sweeps a lot (BENCHMARKS.md, "Over-relaxation").
 """
 
 from __future__ import annotations
@@ -43,8 +51,10 @@ def check_block_solvable(network: Network, layers: Sequence[int], nudged: bool, 
 
 
 def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge, beta_scale: float,
-                inplace: bool = True, static: list | None = None, curvature: tuple | None = None) -> None:
-    """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others.
+                inplace: bool = True, static: list | None = None, curvature: tuple | None = None,
+                omega: float = 1.0) -> None:
+    """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others
+    (``omega`` != 1: move ``omega`` of the way there, then project; see the module docstring).
 
     ``curvature``: :func:`nudge_curvature` of the nudge, computed once per phase (it costs a host sync for a
     per-example beta); computed here when None.
@@ -54,9 +64,12 @@ def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge,
     for layer in layers:
         bounds = network.rhos[layer].bounds
         if nudge is not None and layer == network.driven:
-            new = _nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature)
+            new = _nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature, clip=omega == 1.0)
         else:
-            new = fields[layer].clamp(*bounds) if bounds is not None else fields[layer]
+            new = fields[layer].clamp(*bounds) if bounds is not None and omega == 1.0 else fields[layer]
+        if omega != 1.0:
+            new = torch.lerp(s[layer], new, omega)
+            new = new.clamp(*bounds) if bounds is not None else new
         if inplace:
             s[layer].copy_(new)
         else:
@@ -74,18 +87,21 @@ def nudge_curvature(nudge, beta_scale: float, like: Tensor) -> tuple[float | Ten
     return a, a > 0
 
 
-def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tuple | None = None) -> Tensor:
+def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tuple | None = None,
+                      clip: bool = True) -> Tensor:
     """argmin over the box of 1/2 a s^2 - b s with a = 1 + beta', b = h + beta' d.
 
     For a <= 0 (a negative nudge beta' <= -1) the function is concave or linear and its minimum
     sits on a bound: the one with the lower value. No host sync when ``curvature`` is given.
+    ``clip=False``: where a > 0, the unconstrained minimiser b / a (over-relaxation projects afterwards).
     """
     a, convex = curvature if curvature is not None else nudge_curvature(nudge, beta_scale, h)
     beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
     b = h + beta * beta_scale * nudge.target
+    box = bounds if clip else None
     if convex:
         new = b / a
-        return new.clamp(*bounds) if bounds is not None else new
+        return new.clamp(*box) if box is not None else new
     if bounds is None:
         raise ValueError("the nudged output is unbounded below for beta <= -1 with a linear output; "
                          "use |beta| < 1 or method='euler'")
@@ -94,8 +110,8 @@ def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tu
     on_bound = torch.where(value(hi) < value(lo), torch.full_like(b, hi), torch.full_like(b, lo))
     if not isinstance(a, Tensor):  # one curvature for the whole batch, and it is <= 0
         return on_bound
-    convex_part = (b / a.clamp_min(torch.finfo(h.dtype).tiny)).clamp(lo, hi)
-    return torch.where(a > 0, convex_part, on_bound)
+    convex_part = b / a.clamp_min(torch.finfo(h.dtype).tiny)
+    return torch.where(a > 0, convex_part.clamp(lo, hi) if clip else convex_part, on_bound)
 
 
 def parity_groups(layers: Sequence[int]) -> list[list[int]]:
@@ -316,8 +332,9 @@ class Chain:
 
         return advance
 
-    def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float):
-        """``advance(measure)``: one sweep of exact block minimisation (SC23), as ``block_sweep`` computes it."""
+    def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
+        """``advance(measure)``: one sweep of exact block minimisation (SC23), as ``block_sweep`` computes it,
+        over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity group)."""
         n, plans = self.n, [self.clamp_plan(group) for group in groups]
         if nudge is not None:  # the curvature's host sync (per-example beta) happens here, once per phase
             curvature = nudge_curvature(nudge, beta_scale, self.flat)
@@ -326,24 +343,39 @@ class Chain:
             beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
             pull = beta * beta_scale * nudge.target  # the products in the order _nudged_minimiser takes them
             static_pulled = self.static[n] + pull
+        relaxed = omega != 1.0
+        target = self.h if relaxed else self.s  # where a block's minimiser goes
+        runs = [self.group_run(group) for group in groups] if relaxed else None
+        omega_t = self.scalar(omega)
 
         def advance(measure: bool) -> float | None:
             before = self.flat.clone() if measure else None
-            for group, plan in zip(groups, plans):
+            for i, (group, plan) in enumerate(zip(groups, plans)):
                 r = self.rates()[0]  # layers of one parity do not interact: write each one straight into s
                 for k in group:
                     if k == n and nudge is not None:
                         if convex:
-                            self.field(r, k, self.s[k], static_pulled).div_(a)
+                            self.field(r, k, target[k], static_pulled).div_(a)
                         else:
                             h = self.field(r, k, self.h[k])
-                            self.s[k].copy_(_nudged_minimiser(h, nudge, beta_scale, self.bounds[k], curvature))
+                            target[k].copy_(_nudged_minimiser(h, nudge, beta_scale, self.bounds[k], curvature,
+                                                              clip=not relaxed))
                     else:
-                        self.field(r, k, self.s[k])
+                        self.field(r, k, target[k])
+                if relaxed:
+                    state_run, field_run = runs[i]
+                    state_run.lerp_(field_run, omega_t)
                 self.clamp(self.flat, plan, group)
             return float((self.flat - before).abs().max()) if measure and before.numel() else (0.0 if measure else None)
 
         return advance
+
+    def group_run(self, group: list[int]) -> tuple[Tensor, Tensor]:
+        """The slices of the state and field buffers that hold a parity group (contiguous: even layers first)."""
+        lo, hi = min(self.span[k][0] for k in group), max(self.span[k][1] for k in group)
+        if hi - lo != sum(self.span[k][1] - self.span[k][0] for k in group):
+            raise AssertionError("a parity group is not contiguous in the flat layout")
+        return self.flat[lo:hi], self.hflat[lo:hi]
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -62,7 +62,8 @@ def resolve_device(device: str) -> str:
 
 def build_rule(config: TrainConfig, network: Network) -> LearningRule:
     relaxation = Relaxation(eps=config.eps, free_steps=config.free_steps, nudge_steps=config.nudge_steps,
-                            project=config.project, method=config.solver, nudge_scale=config.nudge_scale)
+                            project=config.project, method=config.solver, nudge_scale=config.nudge_scale,
+                            omega=config.omega)
     if config.cost == "cross_entropy":
         n_out = network.sizes[network.driven]
         cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(network.device)

@@ -11,10 +11,12 @@ from earlyprop.train import Trainer, train
 FAST = dict(hidden=[128], epochs=5, solver="async", free_steps=20)
 
 
-@pytest.mark.parametrize("rule, solver", [("stdp", "async"), ("ep-symmetric", "euler"), ("backprop", "euler")])
-def test_digits_reaches_real_accuracy(rule, solver):
+@pytest.mark.parametrize("rule, solver, extra", [("stdp", "async", {}), ("ep-symmetric", "euler", {}),
+                                                ("backprop", "euler", {}),
+                                                ("ep-symmetric", "async", {"omega": 1.5, "beta": 0.5})])
+def test_digits_reaches_real_accuracy(rule, solver, extra):
     torch.set_num_threads(1)
-    summary = train(load_config(None, {**FAST, "rule": rule, "solver": solver}), log=lambda _: None)
+    summary = train(load_config(None, {**FAST, "rule": rule, "solver": solver, **extra}), log=lambda _: None)
     assert summary["test_accuracy"] > 0.90, summary
     assert 0.0 <= summary["train_accuracy"] <= 1.0
     assert summary["epochs"] == 5 and summary["examples_per_second"] > 0
@@ -31,6 +33,13 @@ def test_run_directory_holds_config_metrics_plots_and_summary(tmp_path):
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
     rows = (run / "fidelity.csv").read_text().strip().splitlines()
     assert rows[0].startswith("batch,interactions.0.weight") and len(rows) >= 3
+
+
+@pytest.mark.parametrize("changes, message", [({"omega": 2.0}, "omega must be in"),
+                                              ({"omega": 1.5, "solver": "euler"}, "needs --solver async")])
+def test_bad_overrelaxation_is_a_config_error(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**FAST, **changes})
 
 
 def test_same_seed_same_result():

@@ -64,6 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, help="free steps from rest when evaluating")
     p.add_argument("--solver", choices=("euler", "async"), help="euler: the leaky integrator; async: exact block "
                    "updates of even then odd layers (hard sigmoid, layered nets)")
+    p.add_argument("--omega", type=float, help="over-relaxation of the async solver, in (0, 2): each layer moves "
+                   "omega of the way to its minimiser (default 1; 1.3-1.7 needs far fewer sweeps to converge)")
     p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
                    help="persistent particles: start each example's free phase where it last ended (EP17)")
     p.add_argument("--monitor-every", type=int, help="every N batches, log the cosine of the update with the "
@@ -89,8 +91,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "conv", "rho", "output_rho", "cost",
                 "init", "gain", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-                "beta", "eps", "free_steps", "nudge_steps", "eval_steps", "solver", "persistent", "monitor_every",
-                "seed", "dtype", "device", "amp", "checkpoint_every", "keep_checkpoints")
+                "beta", "eps", "free_steps", "nudge_steps", "eval_steps", "solver", "omega", "persistent",
+                "monitor_every", "seed", "dtype", "device", "amp", "checkpoint_every", "keep_checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ class _Contrastive(LearningRule):
             start = state
         with torch.no_grad():  # bias + input drive: x stays clamped, so every phase of this batch shares it
             static = network.static_fields(start)
-        free, _ = self.relaxation.free(network, start, static=static)
+        free, _ = self.relaxation.free(network, start, static=static, internal=True)
         nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
         phases = self._phases(network, free, nu1, nu2, target, static)
         # the estimate is a small difference of two phases: never in reduced precision, even under --amp
@@ -98,7 +98,7 @@ class EquilibriumProp(_Contrastive):
     def _phase(self, network: Network, free: State, nu, target: Tensor, static: list | None = None) -> State:
         if _is_zero(nu):
             return free
-        nudged, _ = self.relaxation.nudged(network, free, nu, target, self.cost, static=static)
+        nudged, _ = self.relaxation.nudged(network, free, nu, target, self.cost, static=static, internal=True)
         return nudged
 
     def _phases(self, network: Network, free: State, nu1, nu2, target: Tensor, static: list) -> list:
@@ -111,7 +111,7 @@ class EquilibriumProp(_Contrastive):
         twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
         beta = torch.cat([torch.full((batch,), nu, dtype=network.dtype, device=network.device) for nu in (nu1, nu2)])
         both, _ = self.relaxation.nudged(network, [twice(t) for t in free], beta, twice(target), self.cost,
-                                         static=[twice(t) for t in static])
+                                         static=[twice(t) for t in static], internal=True)
         return [[t[:batch] for t in both], [t[batch:] for t in both]]
 
     def _grads(self, network: Network, phase_1, phase_2, weights: float | Tensor,
@@ -181,7 +181,7 @@ class STDP(_Contrastive):
             return None
         # the rule integrates ds/dt of the leaky integrator itself, whatever solved the free phase
         _, diag = self.relaxation.nudged(network, free, nu, target, self.cost, record_trajectory=True,
-                                         method="euler", static=static)
+                                         method="euler", static=static, internal=True)
         return diag.trajectory
 
     def estimate(self, network, phase_1, phase_2, weights: Tensor) -> list[Tensor]:

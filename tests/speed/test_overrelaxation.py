@@ -1,0 +1,107 @@
+"""Over-relaxed block solver (projected block SOR, ``omega``): same fixed points, lower energy at every
+block update, fewer sweeps; the lean chain and the general loop agree to round-off (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast_paths import DEEP, MIXED, PER_EXAMPLE, assert_same, data, mnist_like_batch, twin
+
+from earlyprop.dynamics import relax
+from earlyprop.network import Network
+from earlyprop.solvers import block_sweep, parity_groups
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("omega", [0.6, 1.5, 1.9])
+@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0), dict(beta=MIXED)])
+def test_chain_matches_general_loop(nudge, omega):
+    net, general = twin(DEEP, "hard_sigmoid", skip=True)  # a zero skip 0-3 keeps the energy bipartite
+    x, d = data(DEEP)
+    kw = dict(steps=9, eps=0.5, method="async", omega=omega, **nudge)
+    if "beta" in nudge:
+        kw["target"] = d
+    fast, fd = relax(net, net.init_state(x), **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert_same(fast, slow)
+    assert abs(fd.residual - sd.residual) <= 1e-12
+
+
+def test_omega_one_is_the_exact_block_update():
+    net, _ = twin(DEEP, "hard_sigmoid")
+    x, d = data(DEEP)
+    exact, _ = relax(net, net.init_state(x), steps=7, eps=0.5, method="async", beta=0.5, target=d)
+    one, _ = relax(net, net.init_state(x), steps=7, eps=0.5, method="async", beta=0.5, target=d, omega=1.0)
+    assert_same(exact, one, tol=0.0)
+
+
+def free_energy(net, s, beta, d):
+    with torch.no_grad():
+        return net.energy(s) + beta * 0.5 * ((s[net.driven] - d) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.8])
+def test_every_block_update_lowers_the_energy(beta):
+    """Per example, E + beta C never rises over 60 half-sweeps at omega 1.8 (strong over-relaxation)."""
+    net, _ = twin(DEEP, "hard_sigmoid", seed=3)
+    x, d = data(DEEP, batch=16)
+    s = net.init_state(x)
+    nudge = None
+    if beta:
+        from earlyprop.dynamics import make_nudge
+
+        nudge = make_nudge(beta, d, None)
+    before = free_energy(net, s, beta, d)
+    rises = []
+    for _ in range(30):
+        for group in parity_groups(net.free):
+            with torch.no_grad():
+                block_sweep(net, s, group, nudge, 1.0, omega=1.8)
+            after = free_energy(net, s, beta, d)
+            rises.append(float((after - before).max()))
+            before = after
+    assert max(rises) <= 1e-12, max(rises)
+    assert all(float(t.min()) >= 0.0 and float(t.max()) <= 1.0 for t in s[1:])
+
+
+def sweeps_to(net, x, tol, omega, limit):
+    state, sweeps = net.init_state(x), 0
+    while sweeps < limit:
+        state, _ = relax(net, state, steps=1, eps=0.5, method="async", omega=omega)
+        sweeps += 1
+        _, check = relax(net, state, steps=0, eps=0.5, project=True)
+        if check.residual <= tol:
+            return state, sweeps
+    return state, sweeps
+
+
+def test_overrelaxation_reaches_the_euler_fixed_point_in_fewer_sweeps():
+    """784-500-10 on 20 MNIST images: omega 1.3 needs about 0.6x the sweeps of omega 1 (measured 57 vs 100
+    on MNIST) and lands on Euler's fixed point (this batch's energy has several; larger omega may pick another)."""
+    net = Network.layered([784, 500, 10], "hard_sigmoid", seed=0, dtype=torch.float64)
+    x = mnist_like_batch()
+    euler, diag = relax(net, net.init_state(x), steps=5000, eps=0.5, project=True, tol=1e-4, check_every=1)
+    assert diag.converged
+    exact, n_exact = sweeps_to(net, x, 1e-4, 1.0, diag.steps)
+    fast, n_fast = sweeps_to(net, x, 1e-4, 1.3, diag.steps)
+    assert n_fast <= 0.75 * n_exact, (n_fast, n_exact)
+    assert n_fast <= diag.steps / 4, (n_fast, diag.steps)
+    assert_same(fast, euler, tol=1e-2)
+    with torch.no_grad():
+        e_fast, e_euler = float(net.energy(fast).mean()), float(net.energy(euler).mean())
+    assert abs(e_fast - e_euler) <= 1e-5 * abs(e_euler)
+
+
+@pytest.mark.parametrize("omega, method", [(0.0, "async"), (2.0, "async"), (-1.0, "async"), (1.5, "euler")])
+def test_bad_omega_is_a_clear_error(omega, method):
+    net, _ = twin(DEEP, "hard_sigmoid")
+    x, _ = data(DEEP)
+    with pytest.raises(ValueError, match="omega"):
+        relax(net, net.init_state(x), steps=2, eps=0.5, method=method, omega=omega)
