@@ -41,6 +41,21 @@ class Group:
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             p.grad = grad
 
+    def gather_shards(self, local: Tensor, total: int) -> Tensor:
+        """The rows of a global batch of ``total`` examples from every rank's shard (:meth:`shard`), in the
+        global order: every rank gets all of them (persistent particles stay identical on every rank)."""
+        if self.world == 1:
+            return local
+        rows = -(-total // self.world)  # all_gather needs equal shapes: pad each shard to the largest
+        padded = local.new_zeros((rows, *local.shape[1:]))
+        padded[:len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        out = local.new_empty((total, *local.shape[1:]))
+        for rank, part in enumerate(parts):
+            out[rank::self.world] = part[:len(range(rank, total, self.world))]
+        return out
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks (metrics)."""
         if self.world == 1:

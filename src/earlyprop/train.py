@@ -140,8 +140,6 @@ class Trainer:
         self.group = current_group()
         if not self.group.is_main:
             self.log = lambda message: None
-        if c.persistent and self.group.world > 1:
-            raise ValueError("persistent particles are not supported in distributed training yet")
         # the data order must be identical on every rank; the rules' own randomness (random-sign beta)
         # comes from a second generator so that it cannot shift the data order
         self.generator = torch.Generator().manual_seed(c.seed)
@@ -195,9 +193,9 @@ class Trainer:
         if self.config.monitor_every and self.batches_seen % self.config.monitor_every == 0:
             self._monitor(step.free_state, target)
         self.optimizer.step()
-        if self.particles is not None:
+        if self.particles is not None:  # every rank keeps every particle: the next epoch shards differently
             for layer in self.network.free:
-                self.particles[layer][idx] = step.free_state[layer]
+                self.particles[layer][batch] = self.group.gather_shards(step.free_state[layer], len(batch))
         self.position.correct += int((step.prediction == yb).sum())
         self.position.cost += float(step.cost.sum())
         self.position.seen += len(yb)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,12 +18,16 @@ def env():
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_take_the_same_step_as_one(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["persistent"]], ids=["plain", "persistent"])
+def test_two_processes_take_the_same_step_as_one(tmp_path, mode):
+    """One step (with persistent particles: two, the second revisiting examples on the other rank) gives the
+    weights, and the particles of every example, of one process with the combined batch."""
     worker = str(HERE / "ddp_worker.py")
     single = tmp_path / "single.safetensors"
-    subprocess.run([sys.executable, worker, "0", "1", "unused", str(single)], env=env(), check=True, timeout=120)
+    subprocess.run([sys.executable, worker, "0", "1", "unused", str(single), *mode], env=env(), check=True,
+                   timeout=120)
     init, double = tmp_path / "init", tmp_path / "double.safetensors"
-    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(init), str(double)], env=env())
+    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(init), str(double), *mode], env=env())
              for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     a, b = load_file(single), load_file(double)
@@ -30,6 +35,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-12), key
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
+    if mode:
+        assert "particles.1" in a and int((a["particles.1"].abs().sum(1) > 0).sum()) == 29  # 20 + 9 examples
 
 
 def test_torchrun_trains_digits(tmp_path):
