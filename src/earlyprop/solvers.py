@@ -351,7 +351,7 @@ class Chain:
         def advance(measure: bool) -> float | None:
             before = self.flat.clone() if measure else None
             for i, (group, plan) in enumerate(zip(groups, plans)):
-                r = self.rates()[0]  # layers of one parity do not interact: write each one straight into s
+                r = self.rates()[0]  # layers of one parity do not interact: write each straight into its target
                 for k in group:
                     if k == n and nudge is not None:
                         if convex:
