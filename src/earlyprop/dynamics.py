@@ -282,12 +282,17 @@ def relax(
 
 def residual(
     network: Network, state: Sequence[Tensor], beta: float | Tensor = 0.0, target: Tensor | None = None,
-    cost: Cost | None = None,
+    cost: Cost | None = None, project: bool = False,
 ) -> float:
-    """max over free units of |dF/ds| = |R(s) - s - beta dC/ds| (THEORY A11)."""
+    """max over free units of |dF/ds| = |R(s) - s - beta dC/ds| (THEORY A11).
+
+    ``project``: the residual of the projected dynamics (EP17 eq. 43) with a unit step,
+    max |clip(s - dF/ds) - s|: zero at a fixed point of ``relax(..., project=True)``, where units can rest on
+    a bound of their rate with the force pointing outwards (there dF/ds itself is not zero).
+    """
     nudge = make_nudge(beta, target, cost)
     _check_nudge_fits(network, nudge, state)
-    bounds = {layer: None for layer in network.free}
+    bounds = {layer: network.rhos[layer].bounds if project else None for layer in network.free}
     with torch.no_grad():
         return advance_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)
 

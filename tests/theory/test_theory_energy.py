@@ -152,3 +152,24 @@ def test_closed_form_energy_param_grads_match_autograd(rc, th):
         assert c.shape == p.shape
         assert amax(c - a) <= 1e-12
 
+
+
+def test_projected_fixed_point_has_zero_projected_residual():
+    """A hard-sigmoid net relaxed with projection rests with some units on a bound and an outward force:
+    there |dF/ds| stays large, while the projected residual (EP17 eq. 43) vanishes, free and nudged."""
+    from earlyprop.dynamics import residual
+    from earlyprop.network import Network
+
+    net = Network.layered([12, 9, 4], "hard_sigmoid", dtype=torch.float64, gain=2.0, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 12, generator=gen, dtype=torch.float64)
+    d = torch.nn.functional.one_hot(torch.arange(6) % 4, 4).double()
+    for beta in (0.0, 0.5):
+        kw = dict(beta=beta, target=d) if beta else {}
+        state, diag = relax(net, net.init_state(x), steps=5000, eps=0.5, project=True, tol=1e-12, check_every=1,
+                            **kw)
+        assert diag.converged
+        on_bound = sum(int(((s == 0) | (s == 1)).sum()) for s in state[1:])
+        assert on_bound > 0  # the case that matters
+        assert residual(net, state, project=True, **kw) <= 1e-11
+        assert residual(net, state, **kw) > 1e-3
