@@ -7,7 +7,7 @@ The leaky-integrator / Langevin update (BF-1 with the nudge of BF-9)::
 with c = eps (``nudge_scale="eps"``, EP17 eq. 42, the default) or c = 1 (``"none"``,
 ER19), optional projection onto the rate's bounds (EP17 eq. 43), and clamped layers left
 untouched. Free phase: beta = 0. Nudged phase: beta != 0 (either sign, or one per example).
-Noisy phase: T > 0. Newton polishing of fixed points lives in :func:`polish`.
+Noisy phase: T > 0. Newton polishing of fixed points lives in :func:`earlyprop.newton.polish`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from earlyprop.chain import Chain
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State, all_finite
 from earlyprop.solvers import (
-    Chain,
     block_sweep,
     check_block_solvable,
     device_max,
@@ -178,19 +178,19 @@ def relax(
         by default the loop runs under ``torch.no_grad``.
     method : ``"euler"`` (the leaky integrator above, what theory checks use) or ``"async"``: exact
         block minimisation of even then odd layers per step (SC23; see :mod:`earlyprop.solvers`),
-        same fixed points, for layered hard-sigmoid/linear nets; its residual is max|s change| per step.
+        same fixed points, for layered hard-sigmoid/linear nets; its residual is max|s change| per sweep / omega.
     omega : over-relaxation of the asynchronous solver, 0 < omega < 2: each block moves omega of the way to its
         minimiser, then is projected (projected block SOR). 1 (default) is SC23's exact block update; the
         fixed points do not depend on omega, and each block update lowers the energy (:mod:`earlyprop.solvers`).
     validate : scan the start state for NaN/inf (shapes are always checked). False for a state this library made
-        and already checked: ``init_state`` of a checked input, or the result of a previous relax (its last step
-        is always checked), as the learning rules' phases do; one device read per layer saved.
+        and already checked: ``init_state`` of a checked input, or the result of a previous relax (a relax of
+        at least one step checks its last step), as the learning rules' phases do; one device read per layer saved.
     final_residual : when the loop did not measure it (``tol`` None or not met), evaluate the residual at the
         returned state (one more field evaluation and a device read); False leaves ``Diagnostics.residual`` NaN.
     static : ``network.static_fields(state)`` (bias + drive of the clamped layers), computed here when None;
         passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
 
-    On a plain layered chain (no extras: see :class:`earlyprop.solvers.Chain`) the same loop runs lean,
+    On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
     with the same results up to round-off; the free layers of the returned state are then views of one buffer.
 
     Raises
@@ -200,7 +200,7 @@ def relax(
     _check_arguments(network, state, steps, eps, temperature, nudge_scale, check_every, noise_std, validate)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_omega(omega, method)
+    check_omega(omega, method)
     with torch.enable_grad() if differentiable else torch.no_grad():
         nudge = make_nudge(beta, target, cost)
         _check_nudge_fits(network, nudge, state)
@@ -211,7 +211,7 @@ def relax(
 
         if static is None:
             static = network.static_fields(state)  # bias + input drive: constant during a phase
-        # the lean loops of solvers.Chain: same equations, for the plain layered chain without the extras
+        # the lean loops of chain.Chain: same equations, for the plain layered chain without the extras
         lean = not (differentiable or sigma > 0 or fixed_layers or not rho_prime_factor) and (
             nudge is None or type(nudge.cost) is SquaredError)
         chain = Chain.of(network, state, static, nudge) if lean else None
@@ -237,7 +237,7 @@ def relax(
                 for group in groups:
                     block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static,
                                 curvature=curvature, omega=omega)
-                return max_change(before, s, moving) if measure else None
+                return max_change(before, s, moving) / omega if measure else None
         else:
             def advance(measure: bool) -> float | None:
                 force = internal_force(network, s, rho_prime_factor, static)
@@ -344,7 +344,8 @@ def _layers_finite(tensors: Sequence[Tensor]) -> bool:
     return math.isfinite(float(torch.stack([t.sum() for t in tensors]).sum())) or all(all_finite(t) for t in tensors)
 
 
-def _check_omega(omega: float, method: str) -> None:
+def check_omega(omega: float, method: str) -> None:
+    """Raise ValueError unless 0 < omega < 2, and omega = 1 unless the solver is the asynchronous one."""
     if not isinstance(omega, int | float) or not 0.0 < omega < 2.0:
         raise ValueError(f"omega (over-relaxation) must be in (0, 2), got {omega!r}")
     if omega != 1.0 and method != "async":
@@ -366,68 +367,3 @@ def _check_arguments(network, state, steps, eps, temperature, nudge_scale, check
     if nudge_scale not in NUDGE_SCALES:
         raise ValueError(f"nudge_scale must be one of {NUDGE_SCALES}, got {nudge_scale!r}")
     network.check_state(state, values=validate)
-
-
-# --------------------------------------------------------------------------- Newton polish
-def polish(
-    network: Network,
-    state: Sequence[Tensor],
-    *,
-    beta: float | Tensor = 0.0,
-    target: Tensor | None = None,
-    cost: Cost | None = None,
-    tol: float = 1e-13,
-    max_iter: int = 50,
-) -> tuple[State, Diagnostics]:
-    """Newton's method on dF/ds = 0 per example (THEORY A11); for float64 theory experiments.
-
-    Start from a state already near a stable fixed point (e.g. after :func:`relax`).
-    """
-    network.check_state(state)
-    nudge = make_nudge(beta, target, cost)
-    _check_nudge_fits(network, nudge, state)
-    free = list(network.free)
-    s = [t.detach().clone() for t in state]
-    it, res = 0, residual(network, s, beta, target, cost)
-    while res > tol and it < max_iter:
-        hess = _hessian(network, s, nudge)
-        with torch.no_grad():  # the polished state is data: no autograd graph back to the parameters
-            grads = _force_gradient(network, s, nudge)
-            step = torch.linalg.solve(hess, grads.unsqueeze(-1)).squeeze(-1)
-        offset = 0
-        for layer in free:
-            n = network.sizes[layer]
-            s[layer] = s[layer] - step[:, offset:offset + n]
-            offset += n
-        it += 1
-        res = residual(network, s, beta, target, cost)
-        if not math.isfinite(res):
-            raise DivergenceError(f"Newton polishing diverged at iteration {it}; relax closer to the fixed point")
-    return s, Diagnostics(it, res, res <= tol)
-
-
-def _force_gradient(network: Network, s: State, nudge: Nudge | None) -> Tensor:
-    g = network.grad_energy(s)
-    if nudge is not None:
-        g[network.driven] = g[network.driven] + nudge.force(s[network.driven])
-    return torch.cat([g[layer] for layer in network.free], dim=-1)
-
-
-def _hessian(network: Network, s: State, nudge: Nudge | None) -> Tensor:
-    """Per-example Hessian of F w.r.t. the free state, shape (batch, n_free, n_free)."""
-    free = list(network.free)
-    flat = torch.cat([s[layer] for layer in free], dim=-1).detach().requires_grad_(True)
-    with torch.enable_grad():
-        parts = list(s)
-        offset = 0
-        for layer in free:
-            n = network.sizes[layer]
-            parts[layer] = flat[:, offset:offset + n]
-            offset += n
-        g = _force_gradient(network, parts, nudge)
-        rows = []
-        for i in range(g.shape[1]):
-            (row,) = torch.autograd.grad(g[:, i].sum(), flat, retain_graph=True)
-            rows.append(row)
-    # examples are independent, so d g[b, i] / d flat[b', j] vanishes for b != b'
-    return torch.stack(rows, dim=1)

@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import SquaredError
-from earlyprop.interactions import Dense
-from earlyprop.network import Network, all_finite
-from earlyprop.nonlinearity import HardSigmoid, Linear, Sigmoid, Tanh
+from earlyprop.network import Network
+from earlyprop.nonlinearity import HardSigmoid, Linear
 
 
 def check_block_solvable(network: Network, layers: Sequence[int], nudged: bool, cost) -> None:
@@ -63,17 +62,31 @@ def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge,
     fields = network.fields(s, rates, static, targets=layers)
     for layer in layers:
         bounds = network.rhos[layer].bounds
-        if nudge is not None and layer == network.driven:
-            new = _nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature, clip=omega == 1.0)
+        nudged = nudge is not None and layer == network.driven
+        if nudged:
+            curvature = curvature if curvature is not None else nudge_curvature(nudge, beta_scale, fields[layer])
+            new = nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature, clip=omega == 1.0)
         else:
             new = fields[layer].clamp(*bounds) if bounds is not None and omega == 1.0 else fields[layer]
         if omega != 1.0:
-            new = torch.lerp(s[layer], new, omega)
-            new = new.clamp(*bounds) if bounds is not None else new
+            moved = torch.lerp(s[layer], new, omega)
+            moved = on_concave_rows(moved, new, curvature) if nudged else moved
+            new = moved.clamp(*bounds) if bounds is not None else moved
         if inplace:
             s[layer].copy_(new)
         else:
             s[layer] = new
+
+
+def on_concave_rows(moved: Tensor, minimiser: Tensor, curvature: tuple) -> Tensor:
+    """``moved`` (an over-relaxed step), except on examples whose nudged block is concave (a <= 0): there the
+    minimiser is a bound, and stopping short of it (omega < 1) could climb over the hump; take it exactly."""
+    a, convex = curvature
+    if convex:
+        return moved
+    if not isinstance(a, Tensor):
+        return minimiser
+    return torch.where(a > 0, moved, minimiser)
 
 
 def nudge_curvature(nudge, beta_scale: float, like: Tensor) -> tuple[float | Tensor, bool]:
@@ -87,7 +100,7 @@ def nudge_curvature(nudge, beta_scale: float, like: Tensor) -> tuple[float | Ten
     return a, a > 0
 
 
-def _nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tuple | None = None,
+def nudged_minimiser(h: Tensor, nudge, beta_scale: float, bounds, curvature: tuple | None = None,
                       clip: bool = True) -> Tensor:
     """argmin over the box of 1/2 a s^2 - b s with a = 1 + beta', b = h + beta' d.
 
@@ -135,282 +148,3 @@ def device_max(values: Sequence[Tensor]) -> float:
     if len({(v.dtype, v.device) for v in values}) > 1:
         return max(float(v) for v in values)
     return float(torch.stack(list(values)).max())
-
-
-# --------------------------------------------------------------------------- the lean layered chain
-class Chain:
-    """The plain layered chain x - h_1 - ... - h_L as bare tensors, for the lean loops of ``relax``.
-
-    It applies when layer 0 is the only clamped layer, the last layer is driven, and the energy is one
-    ``Dense`` term per consecutive pair and nothing else (:meth:`of` returns None otherwise and the general
-    loop runs). Same equations as the general loop, hence the same states up to round-off (tests/speed).
-    On CPU a small op costs 2-5 us whatever its size, so the savings are counted in ops per step:
-    - all free layers live in ONE flat buffer (each layer a contiguous view of it, even layers first so a
-      block-solver sweep is one run), so the update, the projection and rho/rho' are one op for all layers;
-    - fields go into a second flat buffer by ``addmm`` on the cached input drive; nothing is allocated;
-    - hard-sigmoid layers skip rho/rho' once projected onto [0, 1], where rho(s) = s and rho'(s) = 1.
-    The free layers of the returned state are views of the flat buffer.
-    """
-
-    def __init__(self, network: Network, weights: list[Tensor], state: Sequence[Tensor], static: Sequence):
-        self.n = n = len(weights)
-        self.w: list = [None, *weights]  # w[k] couples layer k-1 (pre) and k (post), shape (n_k, n_{k-1})
-        self.wt: list = [None, *(w.t() for w in weights)]
-        self.rhos, self.sizes = rhos, sizes = network.rhos, network.sizes
-        self.bounds = [rho.bounds for rho in rhos]
-        self.plain = [type(rho) is Linear for rho in rhos]  # rho(s) = s and rho'(s) = 1 right now
-        self.hard = [_is_unit_hard_sigmoid(rho) for rho in rhos]
-        self.uniform = all(_same_rho(rhos[k], rhos[1]) for k in range(2, n + 1))
-        # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
-        self.static: list = [None, *(static[k].contiguous() for k in range(1, n + 1))]
-        batch, start, self.span = state[0].shape[0], 0, {}
-        for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
-            self.span[k] = (start, start + batch * sizes[k])
-            start = self.span[k][1]
-        self.flat = torch.empty(start, dtype=weights[0].dtype, device=weights[0].device)
-        self.hflat = torch.empty_like(self.flat)
-        self.s, self.h = self.views(self.flat), self.views(self.hflat)
-        self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
-        self._scalars: dict[float, Tensor] = {}
-        for k in range(1, n + 1):
-            self.s[k].copy_(state[k])
-        self.state = [state[0].detach().clone(), *self.s[1:]]
-        # a state already inside [0, 1] (the rest state, or the free state a nudged phase starts from) makes
-        # its hard-sigmoid layers plain from the first step: 2 ops instead of rho and rho' (5 ops) per step
-        hard = [k for k in range(1, n + 1) if self.hard[k]]
-        if hard:  # clip(s) == s exactly iff every unit is in [0, 1] (a NaN compares unequal)
-            runs = [run for _, _, _, run in self.clamp_plan(hard)]
-            if all(torch.equal(run.clamp(0.0, 1.0), run) for run in runs):
-                for k in hard:
-                    self.plain[k] = True
-
-    @staticmethod
-    def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None) -> Chain | None:
-        n = len(network.sizes) - 1
-        if network.clamped != (0,) or network.driven != n or len(network.interactions) != n:
-            return None
-        if autocast_enabled(state[0].device.type):  # its out= products need one dtype: mixed precision runs general
-            return None
-        weights: list = [None] * n
-        for term in network.interactions:
-            if type(term) is not Dense or term.pre != term.post - 1:  # subclasses may change the field
-                return None
-            weights[term.pre] = term.weight
-        if any(w is None for w in weights):
-            return None
-        dtype = weights[0].dtype  # mixed dtypes promote the state in the general loop: leave them to it
-        if any(t.dtype != dtype for t in state[1:]) or any(w.dtype != dtype for w in weights) or (
-                nudge is not None and (nudge.target.dtype != dtype or
-                                       (isinstance(nudge.beta, Tensor) and nudge.beta.dtype != dtype))):
-            return None
-        return Chain(network, weights, state, static)
-
-    def scalar(self, value: float) -> Tensor:
-        """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_slope)."""
-        if value not in self._scalars:  # a fill on the device: torch.tensor(value, device=cuda) would copy and sync
-            self._scalars[value] = torch.full((), value, dtype=self.flat.dtype, device=self.flat.device)
-        return self._scalars[value]
-
-    def views(self, flat: Tensor) -> list:
-        """Per-layer (batch, n_k) contiguous views of a flat buffer laid out like the state's."""
-        batch = self.static[1].shape[0]  # as_strided: one view op per layer instead of a slice and a view
-        return [None, *(flat.as_strided((batch, self.sizes[k]), (self.sizes[k], 1), flat.storage_offset() +
-                                         self.span[k][0]) for k in range(1, self.n + 1))]
-
-    def rates(self) -> tuple[list, Tensor | list | None, float]:
-        """rho(s_k) per layer, rho'(s_k) (flat, per layer, or None when every layer is plain), and the factor
-        the fields must carry: the logistic rate's gain, taken out of rho' into the field products' alpha."""
-        n, s = self.n, self.s
-        if all(self.plain[1:]):
-            return s, None, 1.0
-        rho = self.rhos[1]
-        if self.uniform:  # one op chain over the flat buffer for every layer
-            if type(rho) in (Sigmoid, Tanh):  # in place, into buffers made once: 3 ops, no allocation
-                if self.rbuf is None:
-                    self.rbuf, self.pbuf = torch.empty_like(self.flat), torch.empty_like(self.flat)
-                    self.r = self.views(self.rbuf)
-                return self.r, self.pbuf, _smooth_rate_slope(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
-            r = rho.rho(self.flat)
-            return self.views(r), _slope(rho, r, self.flat), 1.0
-        r = [None, *(s[k] if self.plain[k] else self.rhos[k].rho(s[k]) for k in range(1, n + 1))]
-        slopes = [None, *(None if self.plain[k] else _slope(self.rhos[k], r[k], s[k]) for k in range(1, n + 1))]
-        return r, slopes, 1.0
-
-    def field(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-        """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (static holds b_k, and x's drive);
-        with ``alpha`` the products are scaled (and ``static`` must be too)."""
-        static = self.static[k] if static is None else static
-        if k > 1:
-            torch.addmm(static, r[k - 1], self.wt[k], alpha=alpha, out=out)
-            if k < self.n:
-                out.addmm_(r[k + 1], self.w[k + 1], alpha=alpha)
-        elif self.n > 1:
-            torch.addmm(static, r[2], self.w[2], alpha=alpha, out=out)
-        else:
-            out.copy_(static)
-        return out
-
-    def clamp_plan(self, layers) -> list[tuple[int, int, tuple[float, float], Tensor]]:
-        """(start, stop, bounds, slice of the state buffer) runs of the flat layout that project ``layers``: one
-        run when they are contiguous and share their interval (all hard-sigmoid layers), else one per layer."""
-        runs = sorted((*self.span[k], self.bounds[k]) for k in layers if self.bounds[k] is not None)
-        merged: list = []
-        for lo, hi, b in runs:
-            if merged and merged[-1][1] == lo and merged[-1][2] == b:
-                merged[-1] = (merged[-1][0], hi, b)
-            else:
-                merged.append((lo, hi, b))
-        return [(lo, hi, b, self.flat if lo == 0 and hi == self.flat.numel() else self.flat[lo:hi])
-                for lo, hi, b in merged]
-
-    def clamp(self, flat: Tensor, plan: list, layers) -> None:
-        """Project ``flat`` (laid out like the state) by ``plan``; mark the hard-sigmoid layers plain."""
-        for lo, hi, b, run in plan:  # run: the state buffer's own slice, made once (a slice is an op too)
-            (run if flat is self.flat else flat if lo == 0 and hi == flat.numel() else flat[lo:hi]).clamp_(*b)
-        # after clip(s, 0, 1), rho(s) = s and rho'(s) = 1 (closed interval); without it the step may leave [0, 1]
-        for k in layers:
-            if self.hard[k]:
-                self.plain[k] = bool(plan)
-
-    def finite(self) -> bool:
-        return all_finite(self.flat)
-
-    def euler_stepper(self, eps: float, nudge, nudge_factor: float, project: bool):
-        """``advance(measure, commit=True)``: one leaky-integrator step (BF-1 with the nudge of BF-9), in place.
-
-        s + eps (R - s) - c beta (s - d) = lerp(s, G, eps) with G = R - k (s - d), k = c beta / eps, so the whole
-        update is one lerp over the flat buffer; on the driven layer k d joins the static field. With
-        ``commit=False`` it only measures the step (the residual max|step| / eps), leaving the state alone.
-        """
-        n, layers = self.n, range(1, self.n + 1)
-        plan = self.clamp_plan(layers) if project else []
-        eps_t = self.scalar(eps)
-        if nudge is not None:
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else nudge.beta
-            k = nudge_factor * beta / eps
-            pull = k * nudge.target
-            static_pulled = self.static[n] + pull
-
-        scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
-
-        def advance(measure: bool, commit: bool = True) -> float | None:
-            r, slope, alpha = self.rates()
-            statics = [None] * (n + 1)
-            if alpha != 1.0:
-                if alpha not in scaled:
-                    scaled[alpha] = [None, *(alpha * st for st in self.static[1:])]
-                statics = scaled[alpha]
-            elif nudge is not None and self.plain[n]:
-                statics[n] = static_pulled
-            for j in layers:
-                self.field(r, j, self.h[j], statics[j], alpha)
-            if isinstance(slope, Tensor):
-                self.hflat.mul_(slope)
-            elif slope is not None:
-                for j in layers:
-                    if slope[j] is not None:
-                        self.h[j].mul_(slope[j])
-            if nudge is not None:
-                if statics[n] is not static_pulled:
-                    self.h[n].add_(pull)
-                if isinstance(k, Tensor):
-                    self.h[n].addcmul_(self.s[n], k, value=-1.0)
-                else:
-                    self.h[n].add_(self.s[n], alpha=-k)
-            if not measure:
-                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
-                return None
-            new, plain = torch.lerp(self.flat, self.hflat, eps), list(self.plain)
-            self.clamp(new, plan, layers)
-            step = new - self.flat if commit else new.sub_(self.flat)
-            worst = float(step.abs_().max()) / eps if step.numel() else 0.0
-            if commit:
-                self.flat.copy_(new)
-            else:
-                self.plain = plain
-            return worst
-
-        return advance
-
-    def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
-        """``advance(measure)``: one sweep of exact block minimisation (SC23), as ``block_sweep`` computes it,
-        over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity group)."""
-        n, plans = self.n, [self.clamp_plan(group) for group in groups]
-        if nudge is not None:  # the curvature's host sync (per-example beta) happens here, once per phase
-            curvature = nudge_curvature(nudge, beta_scale, self.flat)
-            a, convex = curvature
-            a = a if isinstance(a, Tensor) else self.scalar(a)  # a 0-d tensor operand: no per-call wrapping
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
-            pull = beta * beta_scale * nudge.target  # the products in the order _nudged_minimiser takes them
-            static_pulled = self.static[n] + pull
-        relaxed = omega != 1.0
-        target = self.h if relaxed else self.s  # where a block's minimiser goes
-        runs = [self.group_run(group) for group in groups] if relaxed else None
-        omega_t = self.scalar(omega)
-
-        def advance(measure: bool) -> float | None:
-            before = self.flat.clone() if measure else None
-            for i, (group, plan) in enumerate(zip(groups, plans)):
-                r = self.rates()[0]  # layers of one parity do not interact: write each straight into its target
-                for k in group:
-                    if k == n and nudge is not None:
-                        if convex:
-                            self.field(r, k, target[k], static_pulled).div_(a)
-                        else:
-                            h = self.field(r, k, self.h[k])
-                            target[k].copy_(_nudged_minimiser(h, nudge, beta_scale, self.bounds[k], curvature,
-                                                              clip=not relaxed))
-                    else:
-                        self.field(r, k, target[k])
-                if relaxed:
-                    state_run, field_run = runs[i]
-                    state_run.lerp_(field_run, omega_t)
-                self.clamp(self.flat, plan, group)
-            return float((self.flat - before).abs().max()) if measure and before.numel() else (0.0 if measure else None)
-
-        return advance
-
-    def group_run(self, group: list[int]) -> tuple[Tensor, Tensor]:
-        """The slices of the state and field buffers that hold a parity group (contiguous: even layers first)."""
-        lo, hi = min(self.span[k][0] for k in group), max(self.span[k][1] for k in group)
-        if hi - lo != sum(self.span[k][1] - self.span[k][0] for k in group):
-            raise AssertionError("a parity group is not contiguous in the flat layout")
-        return self.flat[lo:hi], self.hflat[lo:hi]
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether torch.autocast is active for this device type (``--amp``)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no argument, CUDA only (CPU has its own query)
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def _is_unit_hard_sigmoid(rho) -> bool:
-    return type(rho) is HardSigmoid and rho.bounds == (0.0, 1.0)
-
-
-def _same_rho(a, b) -> bool:
-    return type(a) is type(b) and vars(a) == vars(b)
-
-
-def _smooth_rate_slope(rho, s: Tensor, r: Tensor, slope: Tensor, scalar) -> float:
-    """r = rho(s) in place, and rho'(s) / factor into ``slope``; returns the factor (the logistic gain, which
-    the fields then carry as addmm's alpha: one op fewer per step). Same formulas as the classes' methods,
-    in another order: equal up to round-off. ``scalar`` makes 0-d tensors: a Python float operand costs
-    an extra ~3 us per op (it is wrapped into a tensor on every call)."""
-    if type(rho) is Sigmoid:  # sigmoid(g s - g shift), and g r (1 - r) = g (r - r^2)
-        torch.add(scalar(-rho.gain * rho.shift), s, alpha=rho.gain, out=r).sigmoid_()
-        torch.addcmul(r, r, r, value=-1.0, out=slope)
-        return rho.gain
-    torch.addcmul(scalar(1.0), torch.tanh(s, out=r), r, value=-1.0, out=slope)  # 1 - r^2
-    return 1.0
-
-
-def _slope(rho, r: Tensor, s: Tensor) -> Tensor:
-    """rho'(s) given r = rho(s): the smooth rates' formulas reuse r (as their own rho_prime computes it)."""
-    if type(rho) is Sigmoid:
-        return rho.gain * r * (1.0 - r)
-    if type(rho) is Tanh:
-        return 1.0 - r**2
-    return rho.rho_prime(s)

@@ -194,8 +194,10 @@ class Trainer:
             self._monitor(step.free_state, target)
         self.optimizer.step()
         if self.particles is not None:  # every rank keeps every particle: the next epoch shards differently
-            for layer in self.network.free:
-                self.particles[layer][batch] = self.group.gather_shards(step.free_state[layer], len(batch))
+            free = self.network.free
+            rows = self.group.gather_shards(torch.cat([step.free_state[m] for m in free], 1), len(batch))
+            for layer, part in zip(free, rows.split([self.network.sizes[m] for m in free], 1)):
+                self.particles[layer][batch] = part
         self.position.correct += int((step.prediction == yb).sum())
         self.position.cost += float(step.cost.sum())
         self.position.seen += len(yb)

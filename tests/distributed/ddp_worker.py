@@ -28,7 +28,7 @@ def main(rank: int, world: int, init_file: str, out: str, persistent: bool) -> N
     trainer.train_batch(batch)
     tensors = {k: v.contiguous() for k, v in trainer.network.state_dict().items()}
     if persistent:  # 10 examples seen before, at other positions (odd <-> even: another rank), and 9 new ones
-        second = torch.cat([batch[1:11].flip(0), order[20:29]])
+        second = torch.cat([batch[0:10].flip(0), order[20:29]])  # position j <- old position 9 - j
         trainer.train_batch(second)
         tensors = {k: v.contiguous() for k, v in trainer.network.state_dict().items()}
         tensors.update({f"particles.{i}": p.contiguous() for i, p in enumerate(trainer.particles)})

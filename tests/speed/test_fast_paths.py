@@ -1,6 +1,6 @@
 """The fast paths change speed, never results (issue 4).
 
-The lean chain loop (solvers.Chain) runs for plain layered nets; adding a zero-weight term (a lateral
+The lean chain loop (chain.Chain) runs for plain layered nets; adding a zero-weight term (a lateral
 matrix, or a skip connection for the bipartite solver) forces the general loop on the same energy, so
 the two can be compared in float64 to round-off. The fused EP difference is compared with the textbook
 two-call estimator, and the stacked centered phases with two separate relaxations.
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
 from earlyprop.interactions import Dense, Lateral
 from earlyprop.network import Network
 from earlyprop.nonlinearity import Sigmoid
 from earlyprop.rules import STDP, EquilibriumProp, Relaxation
-from earlyprop.solvers import Chain
 
 TOL = 1e-12
 SRC = Path(__file__).resolve().parents[2] / "src"

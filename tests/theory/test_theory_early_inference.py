@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from earlyprop.dynamics import polish, relax
+from earlyprop.dynamics import relax
 from earlyprop.experiments.early_inference import cosine, early_inference, eps_slopes
+from earlyprop.newton import polish
 
 T4_BETA = 1e-4
 T4_EPS = (0.5, 0.1, 0.02)

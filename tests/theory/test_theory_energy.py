@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from earlyprop.dynamics import internal_force, polish, relax
+from earlyprop.dynamics import internal_force, relax
+from earlyprop.newton import polish
 
 
 def random_state(net, x, seed=1):

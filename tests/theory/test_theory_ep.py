@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from earlyprop.dynamics import polish
+from earlyprop.newton import polish
 
 BETAS = (1e-2, 1e-3, 1e-4)
 

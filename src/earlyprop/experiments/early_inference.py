@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
-from earlyprop.dynamics import polish, relax, residual
+from earlyprop.dynamics import relax, residual
 from earlyprop.network import Network, State
+from earlyprop.newton import polish
 
 LATER_OFFSETS = (1, 3, 10)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost, SquaredError
-from earlyprop.dynamics import Diagnostics, relax
+from earlyprop.dynamics import Diagnostics, check_omega, relax
 from earlyprop.network import Network, State
 
 
@@ -33,8 +33,7 @@ class Relaxation:
     omega: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.omega != 1.0 and self.method != "async":
-            raise ValueError(f"omega = {self.omega} over-relaxes the asynchronous solver only; use method='async'")
+        check_omega(self.omega, self.method)
 
     def free(self, network: Network, state: Sequence[Tensor], static: list | None = None,
              internal: bool = False) -> tuple[State, Diagnostics]:
