@@ -29,15 +29,6 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops with two OpenMP threads on a busy 2-core box wait on each other (100x slower seen here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def twin(sizes, rho, seed=1, skip=False):
     """A lean (plain chain) network and its general twin: same weights plus one zero-weight term."""
     net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=seed)

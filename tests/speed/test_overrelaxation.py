@@ -12,14 +12,6 @@ from earlyprop.network import Network
 from earlyprop.solvers import block_sweep, parity_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("omega", [0.6, 1.5, 1.9])
 @pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0), dict(beta=MIXED)])
 def test_chain_matches_general_loop(nudge, omega):
