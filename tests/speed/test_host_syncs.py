@@ -98,12 +98,15 @@ CASES = [  # (rho, solver, lean chain or general loop, nudge)
     *[(rho, "euler", path, nudge) for rho in RHOS for path in ("lean", "general") for nudge in NUDGES],
     *[("hard", "async", path, nudge) for path in ("lean", "general")
       for nudge in ("free", "per_example", "concave", "mixed")],
+    *[("hard", "async_sor", path, nudge) for path in ("lean", "general") for nudge in ("free", "mixed")],
 ]
 
 
 def phase(rho, method, path, nudge, **extra):
     """relax(steps, check_every, tol) on DEEP for one case: the lean chain, or its general-loop twin."""
     name, project = RHOS[rho]
+    if method == "async_sor":  # the over-relaxed block solver
+        method, extra = "async", {**extra, "omega": 1.5}
     net = twin(DEEP, name, skip=method == "async")[path == "general"]
     x, d = data(DEEP)
     kw = dict(eps=0.2 if "nudge_scale" in NUDGES[nudge] else 0.5, project=project, method=method,
