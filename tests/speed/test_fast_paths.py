@@ -278,3 +278,18 @@ def test_bench_conv_config_m_matches_the_mnist_conv_config():
     # conv1 drive: 64 x 32 x 25 x 28^2 MACs; conv2: 64 x 64 x 32 x 25 x 14^2; dense 64 x 3136 x 10
     c1, c2, d = 64 * 32 * 25 * 784, 64 * 64 * 32 * 25 * 196, 64 * 3136 * 10
     assert conv_flop_floor(m) == 2.0 * (c1 + (30 + 16) * 2 * (c2 + d) + c1 + 2 * (c2 + d))
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "mnist").is_dir(), reason="needs ../shared/data/mnist (MNIST idx files)")
+def test_bench_solvers_cli_json(tmp_path):
+    """`earlyprop bench --solvers`: iterations to a 1e-4 residual per solver on three MNIST batches."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)}
+    out = subprocess.run([sys.executable, "-m", "earlyprop", "bench", "--solvers", "--solver-nets", "784-30-10",
+                          "--data-dir", str(MNIST_DIR), "--json"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)["solvers"]
+    assert list(report) == [f"784-30-10 images {a}:{a + 20}" for a in (0, 20, 40)]
+    for rows in report.values():
+        assert [r["name"] for r in rows][:2] == ["euler", "async omega=1"] and len(rows) == 5
+        assert all(r["converged"] and r["iterations"] >= 1 for r in rows)

@@ -91,3 +91,22 @@ def test_bad_omega_is_a_clear_error(omega, method):
     x, _ = data(DEEP)
     with pytest.raises(ValueError, match="omega"):
         relax(net, net.init_state(x), steps=2, eps=0.5, method=method, omega=omega)
+
+
+def test_iteration_counts_of_the_solvers():
+    """experiments.solver_convergence (``earlyprop bench --solvers``) on a 64-64-64-10 digits net: everything
+    converges, each solver scored by Euler's residual; over-relaxation cuts the sweeps of this slow relaxation
+    (measured 433 Euler steps, sweeps 111 / 61 / 44 at omega 1 / 1.3 / 1.5)."""
+    from earlyprop.data import load_dataset, to_tensors
+    from earlyprop.experiments.solver_convergence import count_iterations, format_counts
+
+    x = to_tensors(load_dataset("digits"), dtype=torch.float64).x_train[:20]
+    net = Network.layered([64, 64, 64, 10], "hard_sigmoid", seed=0, dtype=torch.float64, gain=2.0)
+    rows = count_iterations(net, x, omegas=(1.0, 1.3, 1.5))
+    assert [r.name for r in rows] == ["euler", "async omega=1", "async omega=1.3", "async omega=1.5"]
+    assert all(r.converged for r in rows)
+    euler, exact, sor13, sor15 = rows
+    assert euler.ratio == 1.0 and euler.max_state_difference == 0.0
+    assert exact.iterations <= euler.iterations / 3
+    assert sor15.iterations < sor13.iterations < exact.iterations
+    assert "async omega=1.5" in format_counts("digits", rows)

@@ -49,6 +49,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mnist-epoch", action="store_true",
                    help="also time one MNIST epoch of config A against a backprop epoch of the same MLP")
     p.add_argument("--data-dir", default="../shared/data", help="folder holding mnist/ (default ../shared/data)")
+    p.add_argument("--solvers", action="store_true",
+                   help="instead of timing: Euler steps against block sweeps (omega 1, 1.3, 1.5, 1.7) to a 1e-4 "
+                   "residual on three batches of 20 MNIST training images, float64 (issue 4's solver check)")
+    p.add_argument("--solver-nets", default="784-500-10,784-500-500-10", metavar="SIZES,...",
+                   help="layer sizes for --solvers (default 784-500-10,784-500-500-10)")
     return p
 
 
@@ -74,8 +79,8 @@ def _positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.mnist_epoch and not Path(args.data_dir).is_dir():  # fail before minutes of timing, not after
-        raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist (needed by --mnist-epoch)")
+    if (args.mnist_epoch or args.solvers) and not Path(args.data_dir).is_dir():  # fail before minutes of work
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist (needed by --mnist-epoch/--solvers)")
     if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
         raise FileNotFoundError(f"--json-out {args.json_out!r}: its folder does not exist")
     device = torch.device(args.device)
@@ -87,10 +92,35 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     try:
-        return _run(args, device)
+        return _solvers(args) if args.solvers else _run(args, device)
     finally:  # in-process callers keep their own settings
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _solvers(args: argparse.Namespace) -> int:
+    import torch
+
+    from earlyprop.data import load_dataset, to_tensors
+    from earlyprop.experiments.solver_convergence import count_iterations, format_counts
+    from earlyprop.network import Network
+
+    nets = [[int(n) for n in sizes.split("-")] for sizes in args.solver_nets.split(",")]
+    x = to_tensors(load_dataset("mnist", data_dir=args.data_dir), dtype=torch.float64).x_train
+    report: dict[str, Any] = {"solvers": {}}
+    for sizes in nets:
+        for start in (0, 20, 40):
+            net = Network.layered(sizes, "hard_sigmoid", seed=0, dtype=torch.float64)
+            rows = count_iterations(net, x[start:start + 20])
+            name = f"{'-'.join(map(str, sizes))} images {start}:{start + 20}"
+            report["solvers"][name] = [vars(r) for r in rows]
+            if not args.json:
+                print(format_counts(name, rows), flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    if args.json:
+        print(json.dumps(json_safe(report)))
+    return 0
 
 
 def _run(args: argparse.Namespace, device) -> int:
