@@ -69,6 +69,7 @@ class ConvPool(Coupling):
         if tuple(weight.shape) != shape:
             raise ValueError(f"kernel of interaction {pre}->{post} has shape {tuple(weight.shape)}, expected {shape}")
         self.weight = nn.Parameter(weight.clone())
+        self._last: tuple | None = None  # see _pooled_conv
 
     @property
     def n_pre(self) -> int:
@@ -103,8 +104,24 @@ class ConvPool(Coupling):
     def _conv_transpose(self, g: Tensor) -> Tensor:
         return F.conv_transpose2d(g, self.weight, padding=self.padding)
 
+    def _pooled_conv(self, r_pre: Tensor) -> tuple[Tensor, Tensor | None]:
+        """pool(conv(r_pre)) and its argmax indices, the last result reused while ``r_pre`` (the same tensor,
+        not modified since) and the kernel are unchanged. A block-solver sweep asks twice for the same rates:
+        for the post layer's field, then for the argmax the pre layer's field routes through; this halves the
+        convolutions of a max-pool chain's sweep. Only outside autograd (no graph is ever kept)."""
+        if torch.is_grad_enabled() or r_pre.is_inference():
+            self._last = None
+            return self._pool(self._conv(r_pre))
+        key = (r_pre._version, self.weight._version)
+        last = self._last
+        if last is not None and last[0] is r_pre and last[1] == key:
+            return last[2], last[3]
+        pooled, indices = self._pool(self._conv(r_pre))
+        self._last = (r_pre, key, pooled, indices)
+        return pooled, indices
+
     def _indices(self, r_pre: Tensor) -> Tensor | None:
-        return self._pool(self._conv(r_pre))[1] if self.pool == "max" else None
+        return self._pooled_conv(r_pre)[1] if self.pool == "max" else None
 
     def _image(self, r_post: Tensor) -> Tensor:
         return r_post.reshape(-1, *self.out_shape)
@@ -121,7 +138,7 @@ class ConvPool(Coupling):
         want_post = targets is None or self.post in targets
         want_pre = targets is None or self.pre in targets
         if want_post or (want_pre and self.pool == "max"):
-            pooled, indices = self._pool(self._conv(rates[self.pre]))
+            pooled, indices = self._pooled_conv(rates[self.pre])
             if want_post:
                 out[self.post] = pooled.flatten(1)
         if want_pre:

@@ -234,9 +234,10 @@ def relax(
 
             def advance(measure: bool) -> float | None:
                 before = [t.clone() for t in s] if measure else None
+                rates = network.rates(s)  # once per sweep: block_sweep keeps them current
                 for group in groups:
                     block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static,
-                                curvature=curvature, omega=omega)
+                                curvature=curvature, omega=omega, rates=rates)
                 return max_change(before, s, moving) / omega if measure else None
         else:
             def advance(measure: bool) -> float | None:

@@ -51,14 +51,16 @@ def check_block_solvable(network: Network, layers: Sequence[int], nudged: bool, 
 
 def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge, beta_scale: float,
                 inplace: bool = True, static: list | None = None, curvature: tuple | None = None,
-                omega: float = 1.0) -> None:
+                omega: float = 1.0, rates: list[Tensor] | None = None) -> None:
     """Set each layer in ``layers`` (all of one parity) to its exact minimiser given the others
     (``omega`` != 1: move ``omega`` of the way there, then project; see the module docstring).
 
     ``curvature``: :func:`nudge_curvature` of the nudge, computed once per phase (it costs a host sync for a
-    per-example beta); computed here when None.
+    per-example beta); computed here when None. ``rates``: rho(s) per layer, computed once per sweep by the
+    caller and kept up to date here, so that the other parity's unchanged rates stay the same tensors (a
+    max-pool conv term then reuses its convolution, :class:`earlyprop.conv.ConvPool`).
     """
-    rates = network.rates(s)
+    rates = network.rates(s) if rates is None else rates
     fields = network.fields(s, rates, static, targets=layers)
     for layer in layers:
         bounds = network.rhos[layer].bounds
@@ -76,6 +78,7 @@ def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge,
             s[layer].copy_(new)
         else:
             s[layer] = new
+        rates[layer] = network.rhos[layer].rho(s[layer])
 
 
 def on_concave_rows(moved: Tensor, minimiser: Tensor, curvature: tuple) -> Tensor:

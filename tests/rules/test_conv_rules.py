@@ -90,3 +90,52 @@ def test_backprop_baseline_is_the_cnn_with_the_same_kernels(problem):
     for t in net.interactions[1:]:
         u = torch.sigmoid(u) @ t.weight.T + net.bias(t.post)
     assert torch.allclose(Backprop().forward(net, x), u, rtol=0, atol=1e-14)
+
+
+def max_pool_chain():
+    net = conv_network((1, 8, 8), ["4:3:max", "6:3:max"], [], 5, "hard_sigmoid", gain=0.8, seed=1,
+                       dtype=torch.float64)
+    return net, torch.rand(4, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_a_block_sweep_convolves_each_pair_once():
+    """The pre layer's argmax routing reuses the post field's convolution of the same rates: per sweep of the
+    max-pool chain one forward and one transposed convolution (three before the reuse)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func is torch.ops.aten.convolution.default
+            return func(*args, **(kwargs or {}))
+
+    net, x = max_pool_chain()
+    counts = []
+    for sweeps in (5, 10):
+        Count.n = 0
+        with Count():
+            relax(net, net.init_state(x), steps=sweeps, eps=0.5, method="async", final_residual=False)
+        counts.append(Count.n)
+    assert counts[1] - counts[0] == 5 * 2
+
+
+def test_reused_convolutions_change_nothing(monkeypatch):
+    """Same states, bit for bit, with the reuse switched off; and an in-place kernel change is seen."""
+    from earlyprop.conv import ConvPool
+
+    net, x = max_pool_chain()
+    kw = dict(steps=30, eps=0.5, method="async", beta=0.5, target=torch.eye(5, dtype=torch.float64)[:4])
+    reused, _ = relax(net, net.init_state(x), omega=1.5, **kw)
+    monkeypatch.setattr(ConvPool, "_pooled_conv", lambda self, r: self._pool(self._conv(r)))
+    fresh, _ = relax(net, net.init_state(x), omega=1.5, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
+    monkeypatch.undo()
+
+    term, rates = net.interactions[1], net.rates(reused)
+    with torch.no_grad():
+        before = term.fields(rates, [1, 2])
+        term.weight.mul_(-1.0)
+        after = term.fields(rates, [1, 2])
+    expected = term._pool(term._conv(rates[1]))[0].flatten(1)
+    assert torch.equal(after[2], expected) and not torch.equal(after[2], before[2])
