@@ -129,9 +129,9 @@ if [ $SECONDS -lt 170 ]; then
         --json-out "$OUT/bench_cuda_G_tf32.json"
 fi
 
-# 3b. issue 6's conv benchmark (configs/mnist-conv.toml's net, batch 64, centered EP)
+# 3b. issue 6's conv benchmark (configs/mnist-conv.toml's net, batch 64, centered EP; N: the async relaxation)
 if [ $SECONDS -lt 180 ]; then
-    step "bench cuda M (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M ${REP[@]+"${REP[@]}"} \
+    step "bench cuda M,N (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M,N ${REP[@]+"${REP[@]}"} \
         --json-out "$OUT/bench_cuda_M.json"
 fi
 

@@ -44,6 +44,7 @@ class BenchConfig:
     beta: float
     variant: str = "positive"  # EP variant: positive (one-sided) or centered
     method: str = "euler"
+    omega: float = 1.0  # over-relaxation of the async solver
     rho: str = "hard_sigmoid"
     nudge_scale: str = "eps"
     project: bool = True
@@ -61,7 +62,8 @@ class BenchConfig:
     def phases(self) -> str:
         nudged = f"{self.nudged_phases}x{self.nudge_steps}" if self.nudged_phases > 1 else str(self.nudge_steps)
         kind = {"positive": "P-EP", "centered": "C-EP"}[self.variant]
-        return f"{self.free_steps}+{nudged} {self.method} eps={self.eps:g} {kind}"
+        solver = f"{self.method} omega={self.omega:g}" if self.omega != 1.0 else f"{self.method} eps={self.eps:g}"
+        return f"{self.free_steps}+{nudged} {solver} {kind}"
 
 
 CONFIGS: dict[str, BenchConfig] = {
@@ -77,6 +79,9 @@ CONFIGS: dict[str, BenchConfig] = {
     # issue 6's conv benchmark: configs/mnist-conv.toml's net and phases (centered EP, 30 + 2x8 Euler steps)
     "M": BenchConfig("M", (784, 6272, 3136, 10), 64, 30, 8, 0.5, 0.5, variant="centered", repeats=6,
                      image=(1, 28, 28), conv=("32:5:max", "64:5:max"), gain=0.5),
+    # the same net relaxed by the over-relaxed block solver (configs/mnist-conv-async.toml: 8 + 2x3 sweeps)
+    "N": BenchConfig("N", (784, 6272, 3136, 10), 64, 8, 3, 0.5, 0.5, variant="centered", method="async", omega=1.5,
+                     repeats=10, image=(1, 28, 28), conv=("32:5:max", "64:5:max"), gain=0.5),
 }
 DEFAULT_CONFIGS = ("A", "B", "C", "D")
 
@@ -190,7 +195,7 @@ def build_ep(cfg: BenchConfig, device: torch.device, seed: int = 0):
     else:
         net = Network.layered(cfg.sizes, make_rho(cfg.rho), seed=seed, dtype=torch.float32).to(device)
     relaxation = Relaxation(eps=cfg.eps, free_steps=cfg.free_steps, nudge_steps=cfg.nudge_steps, project=cfg.project,
-                            nudge_scale=cfg.nudge_scale, method=cfg.method)
+                            nudge_scale=cfg.nudge_scale, method=cfg.method, omega=cfg.omega)
     return net, EquilibriumProp(cfg.beta, cfg.variant, relaxation)
 
 

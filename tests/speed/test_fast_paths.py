@@ -278,6 +278,10 @@ def test_bench_conv_config_m_matches_the_mnist_conv_config():
     # conv1 drive: 64 x 32 x 25 x 28^2 MACs; conv2: 64 x 64 x 32 x 25 x 14^2; dense 64 x 3136 x 10
     c1, c2, d = 64 * 32 * 25 * 784, 64 * 64 * 32 * 25 * 196, 64 * 3136 * 10
     assert conv_flop_floor(m) == 2.0 * (c1 + (30 + 16) * 2 * (c2 + d) + c1 + 2 * (c2 + d))
+    n = CONFIGS["N"]  # configs/mnist-conv-async.toml: same net, 8 + 2x3 block sweeps at omega 1.5
+    assert (n.sizes, n.conv, n.gain) == (m.sizes, m.conv, m.gain) and (n.method, n.omega) == ("async", 1.5)
+    assert conv_flop_floor(n) == 2.0 * (c1 + (8 + 6) * 2 * (c2 + d) + c1 + 2 * (c2 + d))
+    assert "omega=1.5" in n.phases()
 
 
 @pytest.mark.skipif(not (MNIST_DIR / "mnist").is_dir(), reason="needs ../shared/data/mnist (MNIST idx files)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from earlyprop.commands import json_safe
 
-CONFIG_NAMES = ("A", "B", "C", "D", "G", "M")
+CONFIG_NAMES = ("A", "B", "C", "D", "G", "M", "N")
 DEFAULT_CONFIGS = ("A", "B", "C", "D")
 
 
@@ -31,13 +31,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "    not in the default set)\n"
         "  M 1x28x28 conv 32:5:max, 64:5:max - 10, batch 64, 30 free + 2x8 nudged Euler steps, centered EP\n"
         "    (configs/mnist-conv.toml; issue 6's conv benchmark, not in the default set)\n"
+        "  N the same conv net, 8 + 2x3 sweeps of the block solver at omega 1.5 (configs/mnist-conv-async.toml)\n"
         "each next to a backprop step of the same MLP and its FLOP floor at the sgemm rate of this run.",
         epilog="example:\n  earlyprop bench\n  earlyprop bench --configs A,B --repeats 500 --json\n"
         "  earlyprop bench --device cuda --configs A,B,C,D,G,M --json-out bench.json")
     p.add_argument("--configs", type=_configs, default=list(DEFAULT_CONFIGS), metavar="A,B,...",
-                   help="which configs to run, a subset of A,B,C,D,G,M (default A,B,C,D)")
+                   help="which configs to run, a subset of A,B,C,D,G,M,N (default A,B,C,D)")
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
-                   help="timed batches per config (default 200 for A and B, 60 for C, 7 for D, 50 for G, 6 for M)")
+                   help="timed batches per config (default 200 for A and B, 60 for C, 7 for D, 50 for G, 6 for M, "
+                   "10 for N)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--tf32", action="store_true",
                    help="allow TF32 for float32 matmuls on CUDA (default off: plain fp32, as reported)")
