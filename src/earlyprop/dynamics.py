@@ -231,10 +231,10 @@ def relax(
         elif method == "async":
             # the nudged layer's curvature, once per phase: with a per-example beta its sign test reads the device
             curvature = nudge_curvature(nudge, beta_scale, s[network.driven]) if nudge is not None else None
+            rates = network.rates(s)  # once per phase: block_sweep keeps them current as it moves s
 
             def advance(measure: bool) -> float | None:
                 before = [t.clone() for t in s] if measure else None
-                rates = network.rates(s)  # once per sweep: block_sweep keeps them current
                 for group in groups:
                     block_sweep(network, s, group, nudge, beta_scale, inplace=not differentiable, static=static,
                                 curvature=curvature, omega=omega, rates=rates)
@@ -274,7 +274,7 @@ def relax(
                     break
         if not converged and not final_residual:
             residual = math.nan
-        elif not converged:
+        elif not converged:  # the residual at the returned state, which the loop has not measured
             residual = euler(True, commit=False) if chain is not None else \
                 advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor, static)
             converged = tol is not None and residual <= tol

@@ -56,24 +56,25 @@ def block_sweep(network: Network, s: list[Tensor], layers: Sequence[int], nudge,
     (``omega`` != 1: move ``omega`` of the way there, then project; see the module docstring).
 
     ``curvature``: :func:`nudge_curvature` of the nudge, computed once per phase (it costs a host sync for a
-    per-example beta); computed here when None. ``rates``: rho(s) per layer, computed once per sweep by the
-    caller and kept up to date here, so that the other parity's unchanged rates stay the same tensors (a
-    max-pool conv term then reuses its convolution, :class:`earlyprop.conv.ConvPool`).
+    per-example beta); computed here when None. ``rates``: rho(s) per layer, computed once by the caller and kept
+    up to date here, so that the other parity's unchanged rates stay the same tensors (a max-pool conv term then
+    reuses its convolution, :class:`earlyprop.conv.ConvPool`).
     """
     rates = network.rates(s) if rates is None else rates
     fields = network.fields(s, rates, static, targets=layers)
     for layer in layers:
         bounds = network.rhos[layer].bounds
         nudged = nudge is not None and layer == network.driven
-        if nudged:
+        if nudged:  # unclipped where convex, a bound where concave: the projection below covers both
             curvature = curvature if curvature is not None else nudge_curvature(nudge, beta_scale, fields[layer])
-            new = nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature, clip=omega == 1.0)
+            new = nudged_minimiser(fields[layer], nudge, beta_scale, bounds, curvature, clip=False)
         else:
-            new = fields[layer].clamp(*bounds) if bounds is not None and omega == 1.0 else fields[layer]
+            new = fields[layer]
         if omega != 1.0:
             moved = torch.lerp(s[layer], new, omega)
-            moved = on_concave_rows(moved, new, curvature) if nudged else moved
-            new = moved.clamp(*bounds) if bounds is not None else moved
+            new = on_concave_rows(moved, new, curvature) if nudged else moved
+        if bounds is not None:
+            new = new.clamp(*bounds)
         if inplace:
             s[layer].copy_(new)
         else:
