@@ -9,6 +9,7 @@ each step is a handful of ops (issue 4; tests/speed/test_fast_paths.py compares 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ class Chain:
         self.hard = [_is_unit_hard_sigmoid(rho) for rho in rhos]
         self.uniform = all(_same_rho(rhos[k], rhos[1]) for k in range(2, n + 1))
         # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
-        self.static: list = [None, *(static[k].contiguous() for k in range(1, n + 1))]
+        self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
         batch, start, self.span = state[0].shape[0], 0, {}
         for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
             self.span[k] = (start, start + batch * sizes[k])
@@ -55,7 +56,8 @@ class Chain:
         self._scalars: dict[float, Tensor] = {}
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
-        self.state = [state[0].detach().clone(), *self.s[1:]]
+        x = state[0]  # clamped: never written, so the returned state holds the input itself, as given
+        self.state = [x.detach() if x.requires_grad else x, *self.s[1:]]
         # a state already inside [0, 1] (the rest state, or the free state a nudged phase starts from) makes
         # its hard-sigmoid layers plain from the first step: 2 ops instead of rho and rho' (5 ops) per step
         hard = [k for k in range(1, n + 1) if self.hard[k]]
@@ -120,16 +122,30 @@ class Chain:
     def field(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (static holds b_k, and x's drive);
         with ``alpha`` the products are scaled (and ``static`` must be too)."""
+        for call in self.field_calls(r, k, out, static, alpha):
+            call()
+        return out
+
+    def field_calls(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> list:
+        """The ops of :meth:`field` as calls bound to their tensors, to run now or to replay at every step."""
         static = self.static[k] if static is None else static
         if k > 1:
-            torch.addmm(static, r[k - 1], self.wt[k], alpha=alpha, out=out)
+            calls = [partial(torch.addmm, static, r[k - 1], self.wt[k], alpha=alpha, out=out)]
             if k < self.n:
-                out.addmm_(r[k + 1], self.w[k + 1], alpha=alpha)
-        elif self.n > 1:
-            torch.addmm(static, r[2], self.w[2], alpha=alpha, out=out)
-        else:
-            out.copy_(static)
-        return out
+                calls.append(partial(out.addmm_, r[k + 1], self.w[k + 1], alpha=alpha))
+            return calls
+        if self.n > 1:
+            return [partial(torch.addmm, static, r[2], self.w[2], alpha=alpha, out=out)]
+        return [partial(out.copy_, static)]
+
+    def replayable(self, plans: list) -> bool:
+        """Whether a step can be replayed as fixed calls: every layer plain (rho(s) = s, rho'(s) = 1) and kept
+        so by the projections in ``plans`` (a hard-sigmoid layer stays plain only while it is clipped)."""
+        if not all(self.plain[1:]):
+            return False
+        clipped = {k for plan in plans for lo, hi, _, _ in plan for k in range(1, self.n + 1)
+                   if lo <= self.span[k][0] < hi}
+        return all(k in clipped for k in range(1, self.n + 1) if self.hard[k])
 
     def clamp_plan(self, layers) -> list[tuple[int, int, tuple[float, float], Tensor]]:
         """(start, stop, bounds, slice of the state buffer) runs of the flat layout that project ``layers``: one
@@ -173,8 +189,26 @@ class Chain:
             static_pulled = self.static[n] + pull
 
         scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
+        replay: list = []  # the plain step's calls, made once every layer is plain and stays so
+
+        def plain_step() -> list:
+            statics = [None] * (n + 1)
+            if nudge is not None:
+                statics[n] = static_pulled
+            calls = [call for j in layers for call in self.field_calls(self.s, j, self.h[j], statics[j])]
+            if nudge is not None:
+                calls.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
+                             else partial(self.h[n].add_, self.s[n], alpha=-k))
+            return [*calls, partial(self.flat.lerp_, self.hflat, eps_t),
+                    *(partial(run.clamp_, *b) for _, _, b, run in plan)]
 
         def advance(measure: bool, commit: bool = True) -> float | None:
+            if not replay and self.replayable([plan]):
+                replay.extend(plain_step())
+            if replay and not measure:
+                for call in replay:
+                    call()
+                return None
             r, slope, alpha = self.rates()
             statics = [None] * (n + 1)
             if alpha != 1.0:
@@ -228,8 +262,28 @@ class Chain:
         target = self.h if relaxed else self.s  # where a block's minimiser goes
         runs = [self.group_run(group) for group in groups] if relaxed else None
         omega_t = self.scalar(omega) if relaxed else None
+        replay: list = []  # the plain sweep's calls, made once every layer is plain and stays so
+
+        def plain_sweep() -> list:
+            calls: list = []
+            for group, plan, run in zip(groups, plans, runs or [None] * len(groups)):
+                for k in group:
+                    nudged = k == n and nudge is not None
+                    calls += self.field_calls(self.s, k, target[k], static_pulled if nudged else None)
+                    if nudged:
+                        calls.append(partial(target[k].div_, a))
+                if relaxed:
+                    calls.append(partial(run[0].lerp_, run[1], omega_t))
+                calls += [partial(run.clamp_, *b) for _, _, b, run in plan]
+            return calls
 
         def advance(measure: bool) -> float | None:
+            if not replay and (nudge is None or convex) and self.replayable(plans):
+                replay.extend(plain_sweep())
+            if replay and not measure:
+                for call in replay:
+                    call()
+                return None
             before = self.flat.clone() if measure else None
             for i, (group, plan) in enumerate(zip(groups, plans)):
                 r = self.rates()[0]  # layers of one parity do not interact: write each straight into its target

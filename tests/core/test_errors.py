@@ -242,3 +242,20 @@ def test_large_eps_on_a_strong_net_does_diverge(strong, x):
     """Not vacuous: the sweep above contains eps values that really blow up."""
     with pytest.raises(DivergenceError):
         relax(strong, strong.init_state(x), steps=600, eps=10.0)
+
+
+def test_broadcast_shape_agrees_with_torch():
+    """The nudge's shape check runs every nudged phase without torch.broadcast_shapes: same answers, same error."""
+    import itertools
+
+    from earlyprop.dynamics import broadcast_shape
+
+    shapes = [s for rank in range(3) for s in itertools.product([0, 1, 2, 3], repeat=rank)]
+    for a, b in itertools.product(shapes, shapes):
+        try:
+            expected = torch.broadcast_shapes(a, b)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                broadcast_shape(a, b)
+            continue
+        assert broadcast_shape(a, b) == expected

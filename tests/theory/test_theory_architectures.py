@@ -60,3 +60,16 @@ def test_early_inference_is_exact_at_the_first_step_with_lateral_and_skip_terms(
         assert a.first_step == a.distance + 1
         assert a.cosine >= 1 - 1e-8, a
         assert abs(a.magnitude_ratio - 1) <= 10 * beta, a
+
+
+def test_fields_of_some_layers_equal_those_of_the_full_evaluation(variant, th):
+    """``fields(targets=...)`` evaluates only the rates and terms that touch the targets (the prediction's
+    tie-break asks for the driven layer's alone): the same fields, with or without the static part given."""
+    _, ref = variant
+    net = ref.net
+    state = th.random_free_state(net, ref.x)
+    full = net.fields(state)
+    static = net.static_fields(state)
+    for layer in net.free:
+        for given in (None, static):
+            assert torch.equal(net.fields(state, static=given, targets=[layer])[layer], full[layer])

@@ -99,12 +99,13 @@ class LearningRule:
         """Class prediction: argmax of the driven layer, or of the readout (EP17 eq. 40)."""
         return self.answer(network, x, relaxation)[1]
 
-    def predict_state(self, network: Network, state: Sequence[Tensor]) -> Tensor:
+    def predict_state(self, network: Network, state: Sequence[Tensor], static: list | None = None) -> Tensor:
         """Prediction at a relaxed state: argmax of the driven layer, ties among the units at the maximum
-        (a bounded rate at its bound) broken by the driven layer's field, the input it was clipped from."""
+        (a bounded rate at its bound) broken by the driven layer's field, the input it was clipped from.
+        ``static``: ``network.static_fields`` of the state's clamped inputs, when the caller has it."""
         with torch.no_grad():
             driven = network.driven
-            field = network.fields(state, targets=[driven])[driven]
+            field = network.fields(state, static=static, targets=[driven])[driven]
             return self.cost.predict(state[driven], field).detach()
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:

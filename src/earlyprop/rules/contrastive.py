@@ -12,10 +12,12 @@ with (nu_1, nu_2) = (0, beta) positive, (-beta, 0) negative, (-beta, beta) cente
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
+from earlyprop.chain import autocast_enabled
 from earlyprop.cost import Cost
 from earlyprop.interactions import Coupling, Dense, Lateral
 from earlyprop.network import Network, State
@@ -63,11 +65,12 @@ class _Contrastive(LearningRule):
         nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
         phases = self._phases(network, free, nu1, nu2, target, static)
         # the estimate is a small difference of two phases: never in reduced precision, even under --amp
-        with torch.autocast(network.device.type, enabled=False):
+        with torch.autocast(network.device.type, enabled=False) if autocast_enabled(network.device.type) \
+                else nullcontext():
             grads, owned = self._grads(network, phases[0], phases[1], 1.0 / (nu2 - nu1), x.shape[0])
         accumulate_grads(list(network.parameters()), grads, owned=owned)
         value = self._readout_grads(free, target, network)
-        return StepResult(free, value, self.predict_state(network, free))
+        return StepResult(free, value, self.predict_state(network, free, static))
 
     def _phases(self, network: Network, free: State, nu1, nu2, target: Tensor, static: list) -> list:
         return [self._phase(network, free, nu, target, static) for nu in (nu1, nu2)]
