@@ -89,7 +89,7 @@ class Chain:
         return Chain(network, weights, state, static)
 
     def scalar(self, value: float) -> Tensor:
-        """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_slope)."""
+        """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_calls)."""
         if value not in self._scalars:  # a fill on the device: torch.tensor(value, device=cuda) would copy and sync
             self._scalars[value] = torch.full((), value, dtype=self.flat.dtype, device=self.flat.device)
         return self._scalars[value]
@@ -103,21 +103,34 @@ class Chain:
     def rates(self) -> tuple[list, Tensor | list | None, float]:
         """rho(s_k) per layer, rho'(s_k) (flat, per layer, or None when every layer is plain), and the factor
         the fields must carry: the logistic rate's gain, taken out of rho' into the field products' alpha."""
-        n, s = self.n, self.s
-        if all(self.plain[1:]):
-            return s, None, 1.0
-        rho = self.rhos[1]
+        fixed = self.fixed_rates()
+        if fixed is not None:
+            calls, r, slope, alpha = fixed
+            for call in calls:
+                call()
+            return r, slope, alpha
+        n, s, rho = self.n, self.s, self.rhos[1]
         if self.uniform:  # one op chain over the flat buffer for every layer
-            if type(rho) in (Sigmoid, Tanh):  # in place, into buffers made once: 3 ops, no allocation
-                if self.rbuf is None:
-                    self.rbuf, self.pbuf = torch.empty_like(self.flat), torch.empty_like(self.flat)
-                    self.r = self.views(self.rbuf)
-                return self.r, self.pbuf, _smooth_rate_slope(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
             r = rho.rho(self.flat)
             return self.views(r), _slope(rho, r, self.flat), 1.0
         r = [None, *(s[k] if self.plain[k] else self.rhos[k].rho(s[k]) for k in range(1, n + 1))]
         slopes = [None, *(None if self.plain[k] else _slope(self.rhos[k], r[k], s[k]) for k in range(1, n + 1))]
         return r, slopes, 1.0
+
+    def fixed_rates(self) -> tuple[list, list, Tensor | None, float] | None:
+        """(calls, r, slope, alpha) when the rates live in fixed tensors: the state itself (every layer plain), or
+        buffers made once that ``calls`` fill (uniform logistic or tanh rates, 3 ops, no allocation); None when
+        they are new tensors at every evaluation (then :meth:`rates` computes them)."""
+        if all(self.plain[1:]):
+            return [], self.s, None, 1.0
+        rho = self.rhos[1]
+        if not self.uniform or type(rho) not in (Sigmoid, Tanh):
+            return None
+        if self.rbuf is None:
+            self.rbuf, self.pbuf = torch.empty_like(self.flat), torch.empty_like(self.flat)
+            self.r = self.views(self.rbuf)
+        calls, alpha = _smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
+        return calls, self.r, self.pbuf, alpha
 
     def field(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (static holds b_k, and x's drive);
@@ -189,27 +202,15 @@ class Chain:
             static_pulled = self.static[n] + pull
 
         scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
-        replay: list = []  # the plain step's calls, made once every layer is plain and stays so
+        replay: dict[tuple, list] = {}  # the drive's calls per set of plain layers, when the rates are fixed
 
-        def plain_step() -> list:
-            statics = [None] * (n + 1)
-            if nudge is not None:
-                statics[n] = static_pulled
-            calls = [call for j in layers for call in self.field_calls(self.s, j, self.h[j], statics[j])]
-            if nudge is not None:
-                calls.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
-                             else partial(self.h[n].add_, self.s[n], alpha=-k))
-            return [*calls, partial(self.flat.lerp_, self.hflat, eps_t),
-                    *(partial(run.clamp_, *b) for _, _, b, run in plan)]
-
-        def advance(measure: bool, commit: bool = True) -> float | None:
-            if not replay and self.replayable([plan]):
-                replay.extend(plain_step())
-            if replay and not measure:
-                for call in replay:
-                    call()
-                return None
-            r, slope, alpha = self.rates()
+        def drive_calls() -> list:
+            """rho, the fields, rho' and the nudge: G of the docstring into the field buffer, as bound calls."""
+            key = tuple(self.plain)
+            if key in replay:
+                return replay[key]
+            fixed = self.fixed_rates()
+            calls, r, slope, alpha = fixed if fixed is not None else ([], *self.rates())
             statics = [None] * (n + 1)
             if alpha != 1.0:
                 if alpha not in scaled:
@@ -217,21 +218,23 @@ class Chain:
                 statics = scaled[alpha]
             elif nudge is not None and self.plain[n]:
                 statics[n] = static_pulled
-            for j in layers:
-                self.field(r, j, self.h[j], statics[j], alpha)
+            calls = [*calls, *(call for j in layers for call in self.field_calls(r, j, self.h[j], statics[j], alpha))]
             if isinstance(slope, Tensor):
-                self.hflat.mul_(slope)
+                calls.append(partial(self.hflat.mul_, slope))
             elif slope is not None:
-                for j in layers:
-                    if slope[j] is not None:
-                        self.h[j].mul_(slope[j])
+                calls += [partial(self.h[j].mul_, slope[j]) for j in layers if slope[j] is not None]
             if nudge is not None:
                 if statics[n] is not static_pulled:
-                    self.h[n].add_(pull)
-                if isinstance(k, Tensor):
-                    self.h[n].addcmul_(self.s[n], k, value=-1.0)
-                else:
-                    self.h[n].add_(self.s[n], alpha=-k)
+                    calls.append(partial(self.h[n].add_, pull))
+                calls.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
+                             else partial(self.h[n].add_, self.s[n], alpha=-k))
+            if fixed is not None:  # every tensor bound here stays the same from step to step
+                replay[key] = calls
+            return calls
+
+        def advance(measure: bool, commit: bool = True) -> float | None:
+            for call in drive_calls():
+                call()
             if not measure:
                 self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
                 return None
@@ -333,17 +336,16 @@ def _same_rho(a, b) -> bool:
     return type(a) is type(b) and vars(a) == vars(b)
 
 
-def _smooth_rate_slope(rho, s: Tensor, r: Tensor, slope: Tensor, scalar) -> float:
-    """r = rho(s) in place, and rho'(s) / factor into ``slope``; returns the factor (the logistic gain, which
-    the fields then carry as addmm's alpha: one op fewer per step). Same formulas as the classes' methods,
-    in another order: equal up to round-off. ``scalar`` makes 0-d tensors: a Python float operand costs
-    an extra ~3 us per op (it is wrapped into a tensor on every call)."""
+def _smooth_rate_calls(rho, s: Tensor, r: Tensor, slope: Tensor, scalar) -> tuple[list, float]:
+    """The calls that put r = rho(s) and rho'(s) / factor into ``r`` and ``slope``, and the factor (the logistic
+    gain, which the fields then carry as addmm's alpha: one op fewer per step). Same formulas as the classes'
+    methods, in another order: equal up to round-off. ``scalar`` makes 0-d tensors: a Python float operand
+    costs an extra ~3 us per op (it is wrapped into a tensor on every call)."""
     if type(rho) is Sigmoid:  # sigmoid(g s - g shift), and g r (1 - r) = g (r - r^2)
-        torch.add(scalar(-rho.gain * rho.shift), s, alpha=rho.gain, out=r).sigmoid_()
-        torch.addcmul(r, r, r, value=-1.0, out=slope)
-        return rho.gain
-    torch.addcmul(scalar(1.0), torch.tanh(s, out=r), r, value=-1.0, out=slope)  # 1 - r^2
-    return 1.0
+        return [partial(torch.add, scalar(-rho.gain * rho.shift), s, alpha=rho.gain, out=r), r.sigmoid_,
+                partial(torch.addcmul, r, r, r, value=-1.0, out=slope)], rho.gain
+    return [partial(torch.tanh, s, out=r),  # 1 - r^2
+            partial(torch.addcmul, scalar(1.0), r, r, value=-1.0, out=slope)], 1.0
 
 
 def _slope(rho, r: Tensor, s: Tensor) -> Tensor:
