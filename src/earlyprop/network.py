@@ -189,7 +189,8 @@ class Network(nn.Module):
 
     def static_fields(self, state: Sequence[Tensor], rates: Sequence[Tensor] | None = None,
                       targets: Sequence[int] | None = None) -> list[Tensor | None]:
-        """The part of each free layer's field that only depends on clamped layers: bias + input drive.
+        """The part of each free layer's field that only depends on clamped layers: bias + input drive, each a
+        contiguous (batch, n_l) tensor.
 
         ``targets`` limits the work to those free layers (the others stay None)."""
         layers = self.free if targets is None else [m for m in self.free if m in targets]
@@ -209,7 +210,8 @@ class Network(nn.Module):
                     continue
                 for layer, field in term.fields(clamped_rates, layers).items():
                     out[layer] = out[layer] + field
-        return out
+        # a bias alone is still a stride-0 view: materialise it once here, not in every phase that reads it
+        return [t if t is None or t.is_contiguous() else t.contiguous() for t in out]
 
     def _couples_free_layers_only(self, term: Interaction) -> bool:
         return all(layer in self.free for layer in term.layers)
