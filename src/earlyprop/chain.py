@@ -30,7 +30,10 @@ class Chain:
     - all free layers live in ONE flat buffer (each layer a contiguous view of it, even layers first so a
       block-solver sweep is one run), so the update, the projection and rho/rho' are one op for all layers;
     - fields go into a second flat buffer by ``addmm`` on the cached input drive; nothing is allocated;
-    - hard-sigmoid layers skip rho/rho' once projected onto [0, 1], where rho(s) = s and rho'(s) = 1.
+    - hard-sigmoid layers skip rho/rho' once projected onto [0, 1], where rho(s) = s and rho'(s) = 1;
+    - a step whose rates live in fixed tensors (plain layers, or uniform smooth rates in buffers made once) is
+      built once as calls bound to those tensors and replayed: the Python that chooses the ops runs per phase,
+      not per step.
     The free layers of the returned state are views of the flat buffer.
     """
 

@@ -2,12 +2,14 @@
 
 The lean chain loop (chain.Chain) runs for plain layered nets; adding a zero-weight term (a lateral
 matrix, or a skip connection for the bipartite solver) forces the general loop on the same energy, so
-the two can be compared in float64 to round-off. The fused EP difference is compared with the textbook
-two-call estimator, and the stacked centered phases with two separate relaxations.
+the two can be compared in float64 to round-off: fixed points, gradients, and twenty-step training curves on
+digits. The fused EP difference is compared with the textbook two-call estimator, and the stacked centered
+phases with two separate relaxations.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -297,3 +299,42 @@ def test_bench_solvers_cli_json(tmp_path):
     for rows in report.values():
         assert [r["name"] for r in rows][:2] == ["euler", "async omega=1"] and len(rows) == 5
         assert all(r["converged"] and r["iterations"] >= 1 for r in rows)
+
+
+@pytest.mark.parametrize("variant,method,rho,extra", [
+    ("positive", "euler", "hard_sigmoid", dict()),  # config A's budget
+    ("centered", "async", "hard_sigmoid", dict()),  # config B's
+    ("positive", "euler", Sigmoid(4.0, 0.5), dict(eps=0.2, free_steps=40, project=False, nudge_scale="none")),  # C
+])
+def test_training_curves_match_general_loop(variant, method, rho, extra):
+    """Twenty SGD steps on digits: the lean chain's training curve (cost per step) and final weights are the
+    general loop's, to round-off. The twin's zero extra term stays out of the optimizer, so it stays zero."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:320] / 16.0, dtype=torch.float64)
+    d = torch.nn.functional.one_hot(torch.tensor(digits.target[:320]), 10).double()
+    sizes = (64, 24, 16, 10)
+    net, shared = twin(sizes, rho, skip=True)  # the twin shares the lean net's terms: give it its own copies
+    general = Network(sizes, [copy.deepcopy(t) for t in shared.interactions], net.rhos)
+    with torch.no_grad():
+        for a, b in zip(general.biases, net.biases):
+            a.copy_(b)
+    settings = dict(eps=0.5, free_steps=15, nudge_steps=6, method=method) | extra
+    rule = EquilibriumProp(0.5 if extra.get("nudge_scale") != "none" else 0.1, variant, Relaxation(**settings))
+    curves, weights = [], []
+    for network in (net, general):
+        params = [*network.interactions[:len(sizes) - 1].parameters(), *network.biases]
+        opt = torch.optim.SGD(params, lr=0.2)
+        curve = []
+        for step in range(20):
+            rows = slice(16 * step, 16 * step + 16)
+            opt.zero_grad()
+            curve.append(float(rule.compute_grads(network, x[rows], d[rows]).cost.mean()))
+            opt.step()
+        curves.append(curve)
+        weights.append([p.detach().clone() for p in params])
+    assert curves[0][-1] < curves[0][0]  # it learns
+    assert max(abs(a - b) for a, b in zip(*curves)) <= 1e-10
+    assert_same(weights[0], weights[1], tol=1e-10)
+    assert float(general.interactions[-1].weight.detach().abs().max()) == 0.0
