@@ -147,9 +147,8 @@ def ep_difference(network: Network, s1: State, s2: State, weights: float | Tenso
         if type(term) is Dense:
             pre, post = term.pre, term.post
             g = torch.mm(scaled[post].T, r2[pre]) if scaled[post] is not None else None
-            if scaled[pre] is not None:  # (w r_post1)^T dpre = (coef r_post1)^T (scaled_pre / coef)
-                more, dpre = (r1[post] * coef).T, r2[pre] - r1[pre]
-                g = torch.mm(more, dpre) if g is None else g.addmm_(more, dpre)
+            if scaled[pre] is not None:  # (coef r_post1)^T dpre = r_post1^T (coef dpre): coef scales rows
+                g = torch.mm(r1[post].T, scaled[pre]) if g is None else g.addmm_(r1[post].T, scaled[pre])
             grads[id(term.weight)] = g if g is not None else torch.zeros_like(term.weight)
         else:
             w = weights if isinstance(weights, Tensor) else torch.full((batch,), weights, dtype=r2[-1].dtype,
