@@ -19,6 +19,12 @@ from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import HardSigmoid, Linear, Sigmoid, Tanh
 from earlyprop.solvers import nudge_curvature, nudged_minimiser, on_concave_rows
 
+# On CPU a layer this narrow (a class output) is stored unit-major, (n_k, batch) in memory: its field, a
+# (batch, n_k) product with a long inner dimension, runs 1.1-3x faster into that transposed output (MKL, one
+# thread: 18.6 -> 16.4 us for 20 x 500 x 10 with the neighbour's product, 64.5 -> 34.0 us at batch 64),
+# while at 50 units and more the row-major layout is as fast or faster (BENCHMARKS.md, 2026-11-28).
+UNIT_MAJOR_WIDTH = 16
+
 
 class Chain:
     """The plain layered chain x - h_1 - ... - h_L as bare tensors, for the lean loops of ``relax``.
@@ -49,6 +55,8 @@ class Chain:
         # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
         self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
         batch, start, self.span = state[0].shape[0], 0, {}
+        cpu = weights[0].device.type == "cpu"
+        self.unit_major = [False, *(cpu and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
         for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
             self.span[k] = (start, start + batch * sizes[k])
             start = self.span[k][1]
@@ -98,10 +106,12 @@ class Chain:
         return self._scalars[value]
 
     def views(self, flat: Tensor) -> list:
-        """Per-layer (batch, n_k) contiguous views of a flat buffer laid out like the state's."""
+        """Per-layer (batch, n_k) views of a flat buffer laid out like the state's: row-major, or unit-major for
+        the narrow layers (:data:`UNIT_MAJOR_WIDTH`)."""
         batch = self.static[1].shape[0]  # as_strided: one view op per layer instead of a slice and a view
-        return [None, *(flat.as_strided((batch, self.sizes[k]), (self.sizes[k], 1), flat.storage_offset() +
-                                         self.span[k][0]) for k in range(1, self.n + 1))]
+        return [None, *(flat.as_strided((batch, self.sizes[k]), (1, batch) if self.unit_major[k] else
+                                        (self.sizes[k], 1), flat.storage_offset() + self.span[k][0])
+                        for k in range(1, self.n + 1))]
 
     def rates(self) -> tuple[list, Tensor | list | None, float]:
         """rho(s_k) per layer, rho'(s_k) (flat, per layer, or None when every layer is plain), and the factor

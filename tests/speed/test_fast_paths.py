@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import earlyprop.chain as chain_module
 from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
 from earlyprop.interactions import Dense, Lateral
@@ -67,10 +68,19 @@ RHOS = [("hard_sigmoid", True), ("hard_sigmoid", False), (Sigmoid(4.0, 0.5), Fal
 NUDGES = [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE), dict(beta=-1.0), dict(beta=0.5, nudge_scale="none")]
 
 
+@pytest.fixture(params=["narrow-unit-major", "all-row-major", "all-unit-major"])
+def layout(request, monkeypatch):
+    """The lean chain's memory layouts: narrow layers unit-major (the CPU default), every layer row-major (as
+    on a GPU), every layer unit-major."""
+    width = {"narrow-unit-major": 6, "all-row-major": 0, "all-unit-major": 10**6}[request.param]
+    monkeypatch.setattr(chain_module, "UNIT_MAJOR_WIDTH", width)
+    return request.param
+
+
 @pytest.mark.parametrize("sizes", [SMALL, DEEP])
 @pytest.mark.parametrize("rho,project", RHOS)
 @pytest.mark.parametrize("nudge", NUDGES)
-def test_euler_chain_matches_general_loop(sizes, rho, project, nudge):
+def test_euler_chain_matches_general_loop(sizes, rho, project, nudge, layout):
     net, general = twin(sizes, rho)
     x, d = data(sizes)
     kw = dict(steps=25, eps=0.5 if "nudge_scale" not in nudge else 0.2, project=project, **nudge)
@@ -96,7 +106,7 @@ def test_euler_chain_tolerance_and_trajectory(sizes):
 
 
 @pytest.mark.parametrize("nudge", [dict(), dict(beta=0.5), dict(beta=PER_EXAMPLE), dict(beta=-2.0), dict(beta=MIXED)])
-def test_block_solver_chain_matches_general_loop(nudge):
+def test_block_solver_chain_matches_general_loop(nudge, layout):
     net, general = twin(DEEP, "hard_sigmoid", skip=True)  # a zero skip 0-3 keeps the energy bipartite
     x, d = data(DEEP)
     kw = dict(steps=12, eps=0.5, method="async", **nudge)
@@ -338,3 +348,12 @@ def test_training_curves_match_general_loop(variant, method, rho, extra):
     assert max(abs(a - b) for a, b in zip(*curves)) <= 1e-10
     assert_same(weights[0], weights[1], tol=1e-10)
     assert float(general.interactions[-1].weight.detach().abs().max()) == 0.0
+
+
+def test_narrow_layers_are_unit_major_on_cpu():
+    """The layout the default CPU chain returns: the 10-unit output unit-major, the wider layers row-major."""
+    sizes = (30, 24, 20, 10)
+    net = Network.layered(sizes, "hard_sigmoid", dtype=torch.float64, seed=0)
+    x, _ = data(sizes)
+    state, _ = relax(net, net.init_state(x), steps=3, eps=0.5, project=True)
+    assert [t.stride() for t in state[1:]] == [(24, 1), (20, 1), (1, 6)]
