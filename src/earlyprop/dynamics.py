@@ -205,7 +205,8 @@ def relax(
         passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
 
     On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
-    with the same results up to round-off; the free layers of the returned state are then views of one buffer.
+    with the same results up to round-off; the free layers of the returned state are then views of one buffer
+    (on CPU the narrow ones, such as a class output, unit-major: non-contiguous (batch, n) views).
 
     Raises
     ------
