@@ -33,8 +33,9 @@ class Chain:
     ``Dense`` term per consecutive pair and nothing else (:meth:`of` returns None otherwise and the general
     loop runs). Same equations as the general loop, hence the same states up to round-off (tests/speed).
     On CPU a small op costs 2-5 us whatever its size, so the savings are counted in ops per step:
-    - all free layers live in ONE flat buffer (each layer a contiguous view of it, even layers first so a
-      block-solver sweep is one run), so the update, the projection and rho/rho' are one op for all layers;
+    - all free layers live in ONE flat buffer (each layer a contiguous block of it, even layers first so a
+      block-solver sweep is one run; row-major, or unit-major for narrow layers on CPU, see UNIT_MAJOR_WIDTH),
+      so the update, the projection and rho/rho' are one op for all layers;
     - fields go into a second flat buffer by ``addmm`` on the cached input drive; nothing is allocated;
     - hard-sigmoid layers skip rho/rho' once projected onto [0, 1], where rho(s) = s and rho'(s) = 1;
     - a step whose rates live in fixed tensors (plain layers, or uniform smooth rates in buffers made once) is
