@@ -279,47 +279,45 @@ class Chain:
         target = self.h if relaxed else self.s  # where a block's minimiser goes
         runs = [self.group_run(group) for group in groups] if relaxed else None
         omega_t = self.scalar(omega) if relaxed else None
-        replay: list = []  # the plain sweep's calls, made once every layer is plain and stays so
+        replay: list = []  # the whole sweep's calls, made once every layer is plain and stays so
 
-        def plain_sweep() -> list:
+        def group_calls(i: int, r: list, replayed: bool = False) -> list:
+            """Group i's block update given the rates ``r``, as calls bound to their tensors; ``replayed``: the
+            plain flags are settled (:meth:`replayable`), so the projection is the bare clamps."""
             calls: list = []
-            for group, plan, run in zip(groups, plans, runs or [None] * len(groups)):
-                for k in group:
-                    nudged = k == n and nudge is not None
-                    calls += self.field_calls(self.s, k, target[k], static_pulled if nudged else None)
-                    if nudged:
-                        calls.append(partial(target[k].div_, a))
-                if relaxed:
-                    calls.append(partial(run[0].lerp_, run[1], omega_t))
-                calls += [partial(run.clamp_, *b) for _, _, b, run in plan]
-            return calls
+            for k in groups[i]:
+                if k == n and nudge is not None and convex:
+                    calls += [*self.field_calls(r, k, target[k], static_pulled), partial(target[k].div_, a)]
+                elif k == n and nudge is not None:  # a bound on concave rows: the minimiser is a new tensor
+                    calls += [*self.field_calls(r, k, self.h[k]), partial(concave_minimiser, k)]
+                else:
+                    calls += self.field_calls(r, k, target[k])
+            if relaxed:
+                calls.append(partial(runs[i][0].lerp_, runs[i][1], omega_t))
+                if nudge is not None and not convex and n in groups[i]:
+                    calls.append(keep_concave_rows)
+            if replayed:
+                return [*calls, *(partial(run.clamp_, *b) for _, _, b, run in plans[i])]
+            return [*calls, partial(self.clamp, self.flat, plans[i], groups[i])]
+
+        def concave_minimiser(k: int) -> None:
+            target[k].copy_(nudged_minimiser(self.h[k], nudge, beta_scale, self.bounds[k], curvature,
+                                             clip=not relaxed))
+
+        def keep_concave_rows() -> None:
+            self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
 
         def advance(measure: bool) -> float | None:
-            if not replay and (nudge is None or convex) and self.replayable(plans):
-                replay.extend(plain_sweep())
-            if replay and not measure:
+            if not replay and self.replayable(plans):  # then the rates are the state itself, sweep after sweep
+                replay.extend(call for i in range(len(groups)) for call in group_calls(i, self.s, replayed=True))
+            before = self.flat.clone() if measure else None
+            if replay:
                 for call in replay:
                     call()
-                return None
-            before = self.flat.clone() if measure else None
-            for i, (group, plan) in enumerate(zip(groups, plans)):
-                r = self.rates()[0]  # layers of one parity do not interact: write each straight into its target
-                for k in group:
-                    if k == n and nudge is not None:
-                        if convex:
-                            self.field(r, k, target[k], static_pulled).div_(a)
-                        else:
-                            h = self.field(r, k, self.h[k])
-                            target[k].copy_(nudged_minimiser(h, nudge, beta_scale, self.bounds[k], curvature,
-                                                              clip=not relaxed))
-                    else:
-                        self.field(r, k, target[k])
-                if relaxed:
-                    state_run, field_run = runs[i]
-                    state_run.lerp_(field_run, omega_t)
-                    if nudge is not None and not convex and n in group:
-                        self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
-                self.clamp(self.flat, plan, group)
+            else:  # layers of one parity do not interact: each group reads the rates after the previous one
+                for i in range(len(groups)):
+                    for call in group_calls(i, self.rates()[0]):
+                        call()
             if not measure:
                 return None  # the change per sweep scales with omega: divide it out, so tol means one thing
             return float((self.flat - before).abs().max()) / omega if before.numel() else 0.0
