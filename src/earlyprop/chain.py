@@ -146,15 +146,10 @@ class Chain:
         calls, alpha = _smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
         return calls, self.r, self.pbuf, alpha
 
-    def field(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-        """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (static holds b_k, and x's drive);
-        with ``alpha`` the products are scaled (and ``static`` must be too)."""
-        for call in self.field_calls(r, k, out, static, alpha):
-            call()
-        return out
-
     def field_calls(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> list:
-        """The ops of :meth:`field` as calls bound to their tensors, to run now or to replay at every step."""
+        """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (``static`` holds b_k and x's drive;
+        with ``alpha`` the products are scaled, and ``static`` must be too), as calls bound to their tensors, to
+        run now or to replay at every step."""
         static = self.static[k] if static is None else static
         if k > 1:
             calls = [partial(torch.addmm, static, r[k - 1], self.wt[k], alpha=alpha, out=out)]
