@@ -14,7 +14,6 @@ sgemm rate is measured on the device in float32, with the TF32 setting reported 
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -241,10 +240,14 @@ def random_batches(cfg: BenchConfig, device: torch.device, count: int = 8, seed:
 class Runner:
     """One config's timed callables: the EP step (``compute_grads``) and the backprop step of the same MLP."""
 
-    def __init__(self, cfg: BenchConfig, device: torch.device):
+    def __init__(self, cfg: BenchConfig, device: torch.device, replica: bool = True):
+        from earlyprop.replicas import build_replica
+
         self.cfg, self.device = cfg, device
         self.batches = random_batches(cfg, device)
         self.net, self.rule = build_ep(cfg, device)
+        self.replica = build_replica(cfg, self.net) if replica else None
+        self.replica_ms: list[float] = []
         self.mlp = make_mlp(cfg.sizes, device, cfg=cfg)
         self.opt = torch.optim.SGD(self.mlp.parameters(), lr=0.1)
         self.count = 0
@@ -272,28 +275,37 @@ class Runner:
         self.bp_grads()
         self.opt.step()
 
+    def replica_step(self) -> None:
+        self.replica.compute_grads(*self._batch())
+
     def measure(self, count: int, warmup: int = 0) -> None:
         self.ep += time_calls(self.ep_step, count, warmup, self.device, reset=self.zero)
         self.bp += time_calls(self.bp_step, count, warmup, self.device)
         self.bp_grads_only += time_calls(self.bp_grads, count, warmup, self.device)
+        if self.replica is not None:
+            self.replica_ms += time_calls(self.replica_step, count, warmup, self.device, reset=self.zero)
 
     def result(self) -> dict[str, Any]:
+        replica = statistics.median(self.replica_ms) if self.replica_ms else None
         return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
                 "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
+                "replica_ms_per_batch": replica,
+                "speedup_vs_replica": replica / statistics.median(self.ep) if replica else None,
                 "repeats": len(self.ep)}
 
 
 def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = None, rounds: int = 10,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None, replicas: bool = True) -> dict[str, Any]:
     """The whole benchmark in this process; returns the report.
 
     The measurements are interleaved: each of ``rounds`` rounds times a share of every config's EP and
-    backprop batches and the sgemm rate, so that a burst of load on a shared machine hits all of them
-    alike and the ratios (EP/BP, EP/floor) stay meaningful; medians are over all batches.
+    backprop batches (and, with ``replicas``, of its anchor's replica, :mod:`earlyprop.replicas`) and the sgemm
+    rate, so that a burst of load on a shared machine hits all of them alike and the ratios (EP/BP, EP/floor,
+    replica/EP) stay meaningful; medians are over all batches.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runners = {name: Runner(CONFIGS[name], device) for name in names}
+    runners = {name: Runner(CONFIGS[name], device, replicas) for name in names}
     counts = {name: repeats or CONFIGS[name].repeats for name in names}
     rounds = max(1, min(rounds, *counts.values()))
     big, rates = sgemm_shape(device), []
@@ -338,64 +350,22 @@ def format_table(report: dict[str, Any]) -> str:
         f"batch-sized products {small} GFLOP/s",
         "",
         f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "
-        f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7}",
+        f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7} {'replica ms':>10} "
+        f"{'speedup':>7}",
     ]
     for name, r in report["configs"].items():
         anchor = f"{r['anchor']} {r['anchor_ms']:g}" if r["anchor"] else "-"
         speedup = f"{r['speedup_vs_anchor']:.1f}x" if r["speedup_vs_anchor"] else "-"
+        replica = f"{r['replica_ms_per_batch']:.3f}" if r.get("replica_ms_per_batch") else "-"
+        same_run = f"{r['speedup_vs_replica']:.1f}x" if r.get("speedup_vs_replica") else "-"
         lines.append(
             f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
             f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
-            f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7}")
+            f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7} {replica:>10} "
+            f"{same_run:>7}")
     lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
               "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
-              "batch on this machine class, 1 thread (issue 4)"]
+              "batch on issue 4's machine, 1 thread, and our speedup over it; replica ms: the anchor's training "
+              "step rewritten in earlyprop.replicas (its ops, the same gradient), timed in this run, and our "
+              "speedup over it"]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------ MNIST epoch
-def mnist_epoch(data_dir: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """One MNIST training epoch of config A (EP17's learning rates 0.1, 0.05) against one of the same MLP
-    trained by backprop (SGD 0.1); seconds per epoch, then test accuracy (untimed)."""
-    from earlyprop.data import load_dataset, to_tensors
-
-    cfg = CONFIGS["A"]
-    data = to_tensors(load_dataset("mnist", data_dir=data_dir), device=device)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data.x_train), generator=gen).to(device)
-    n_classes = cfg.sizes[-1]
-    net, rule = build_ep(cfg, device, seed)
-    terms = list(net.interactions)
-    opt = torch.optim.SGD([{"params": [terms[0].weight, net.biases[0]], "lr": 0.1},
-                           {"params": [terms[1].weight, net.biases[1]], "lr": 0.05}])
-
-    def ep_epoch() -> None:
-        for start in range(0, len(order), cfg.batch):
-            idx = order[start:start + cfg.batch]
-            opt.zero_grad(set_to_none=True)
-            y = torch.nn.functional.one_hot(data.y_train[idx], n_classes).float()
-            rule.compute_grads(net, data.x_train[idx], y)
-            opt.step()
-
-    mlp = make_mlp(cfg.sizes, device, seed)
-    bp_opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
-
-    def bp_epoch() -> None:
-        for start in range(0, len(order), cfg.batch):
-            idx = order[start:start + cfg.batch]
-            bp_opt.zero_grad(set_to_none=True)
-            y = torch.nn.functional.one_hot(data.y_train[idx], n_classes).float()
-            (0.5 * ((mlp(data.x_train[idx]) - y) ** 2).sum(-1).mean()).backward()
-            bp_opt.step()
-
-    ep_s = time_calls(ep_epoch, 1, 0, device)[0] / 1e3
-    bp_s = time_calls(bp_epoch, 1, 0, device)[0] / 1e3
-    with torch.no_grad():
-        chunks = range(0, len(data.x_test), 1000)
-        ep_right = sum(int((rule.predict(net, data.x_test[i:i + 1000]) == data.y_test[i:i + 1000]).sum())
-                       for i in chunks)
-        bp_right = sum(int((mlp(data.x_test[i:i + 1000]).argmax(-1) == data.y_test[i:i + 1000]).sum())
-                       for i in chunks)
-    n_train, n_test = len(data.x_train), len(data.x_test)
-    return {"config": "A", "batches": math.ceil(n_train / cfg.batch), "ep_seconds": ep_s, "bp_seconds": bp_s,
-            "ratio": ep_s / bp_s, "ep_test_accuracy": ep_right / n_test, "bp_test_accuracy": bp_right / n_test}

@@ -228,7 +228,8 @@ def test_bench_cli_json(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     row = report["configs"]["A"]
-    for key in ("ms_per_batch", "bp_ms_per_batch", "flop_floor_ms", "ratio_to_floor", "speedup_vs_anchor"):
+    for key in ("ms_per_batch", "bp_ms_per_batch", "flop_floor_ms", "ratio_to_floor", "speedup_vs_anchor",
+                "replica_ms_per_batch", "speedup_vs_replica"):
         assert isinstance(row[key], float) and row[key] > 0
     assert row["flop_floor_mflop"] == pytest.approx(41.36, abs=0.01)  # 2 x 20.68M multiply-adds
     assert report["matmul_gflops"] > 0 and report["machine"]["threads"] == 1

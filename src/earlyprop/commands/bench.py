@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default 1: the published anchors are single-thread numbers)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--no-replicas", dest="replicas", action="store_false",
+                   help="skip the anchors' replicas (earlyprop.replicas: LA21 for A, RAIN23 for B, ER19 for C), "
+                   "which are timed beside our step by default")
     p.add_argument("--mnist-epoch", action="store_true",
                    help="also time one MNIST epoch of config A against a backprop epoch of the same MLP")
     p.add_argument("--data-dir", default="../shared/data", help="folder holding mnist/ (default ../shared/data)")
@@ -126,12 +129,14 @@ def _solvers(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device) -> int:
-    from earlyprop.bench import format_table, mnist_epoch, run_bench
+    from earlyprop.bench import format_table, run_bench
+    from earlyprop.bench_mnist import mnist_epoch
 
     def progress(text: str) -> None:
         print(f"earlyprop bench: {text}", file=sys.stderr, flush=True)
 
-    report = run_bench(args.configs, device, args.repeats, progress=None if args.json else progress)
+    report = run_bench(args.configs, device, args.repeats, progress=None if args.json else progress,
+                       replicas=args.replicas)
     if args.mnist_epoch:
         progress("MNIST epoch of config A, EP then backprop")
         report["mnist_epoch"] = mnist_epoch(args.data_dir, device)
