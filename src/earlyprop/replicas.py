@@ -5,8 +5,10 @@ speedup on the machine at hand. Each one is written here from the anchor's publi
 none of their code is copied, three of them carry no licence) and keeps what sets its cost: the ops it runs
 per step and per batch, in the anchor's own style. Each takes its weights from an earlyprop
 :class:`~earlyprop.network.Network` and writes ``.grad`` of that network's parameters, so tests/speed/
-test_replicas.py can check that it computes the gradient earlyprop computes for the same budget (float64):
-the speedup is then between two computations of one number.
+test_replicas.py can check that it computes the gradient earlyprop computes (float64): LA21's for the same budget,
+ER19's with two of its choices switched to ours (flags of the same code), RAIN23's once both solvers have
+converged (its output update is an iteration, ours the exact minimiser). The speedup is then between two
+computations of one number.
 
 - :class:`LA21Step`: everything from the scalar Phi = -E + ... by autograd, every step
   (s <- rho(dPhi/ds), the input's drive included), the update as one backward of Phi's difference.
