@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.network import Network
+from earlyprop.nonlinearity import Sigmoid
 
 
 def _layered_weights(network: Network) -> list[Tensor]:
@@ -55,7 +56,7 @@ class LA21Step:
     def __init__(self, network: Network, free_steps: int, nudge_steps: int, beta: float):
         self.network, self.weights = network, _layered_weights(network)
         self.biases = [network.bias(layer) for layer in network.free]
-        self.rho: Callable[[Tensor], Tensor] = network.rhos[1].rho
+        self.rhos: list[Callable[[Tensor], Tensor]] = [network.rhos[layer].rho for layer in network.free]
         self.free_steps, self.nudge_steps, self.beta = free_steps, nudge_steps, beta
 
     def phi(self, x: Tensor, target: Tensor, neurons: list[Tensor], beta: float) -> Tensor:
@@ -72,7 +73,7 @@ class LA21Step:
             phi = self.phi(x, target, neurons, beta)
             ones = torch.ones(x.shape[0], dtype=phi.dtype, device=x.device)
             grads = torch.autograd.grad(phi, neurons, grad_outputs=ones)
-            neurons = [self.rho(g).requires_grad_() for g in grads]
+            neurons = [rho(g).requires_grad_() for rho, g in zip(self.rhos, grads)]
         return neurons
 
     def compute_grads(self, x: Tensor, target: Tensor) -> int:
@@ -112,13 +113,14 @@ class ER19Step:
     def __init__(self, network: Network, free_steps: int, nudge_steps: int, dt: float, beta: float,
                  output_rho_prime: bool = False, clamp: bool = True):
         rho = network.rhos[1]
-        if type(rho).__name__ != "Sigmoid" or any(vars(r) != vars(rho) for r in network.rhos):
+        if type(rho) is not Sigmoid or any(type(r) is not Sigmoid or vars(r) != vars(rho) for r in network.rhos):
             raise ValueError("the ER19 replica runs logistic rates, the same on every layer")
         self.network, self.weights = network, _layered_weights(network)
         self.biases = [network.bias(layer) for layer in network.free]
         self.rho, self.gain = rho.rho, rho.gain
         self.free_steps, self.nudge_steps, self.dt, self.beta = free_steps, nudge_steps, dt, beta
         self.output_rho_prime, self.clamp = output_rho_prime, clamp
+        self.cost_sum: Tensor | float = 0.0
 
     def rho_prime(self, s: Tensor) -> Tensor:
         return self.gain * self.rho(s) * (1 - self.rho(s))
@@ -140,6 +142,7 @@ class ER19Step:
         s = [s_k + self.dt * ds for s_k, ds in zip(s, dsdt)]
         if self.clamp:
             s = [s_k.clamp(min=0).clamp(max=1) for s_k in s]
+            # ER19 zeroes ds/dt at the bounds here and then returns s alone: the ops are part of its step
             dsdt = [torch.where((s_k == 0) | (s_k == 1), torch.zeros_like(ds), ds) for s_k, ds in zip(s, dsdt)]
         return s
 
@@ -150,8 +153,8 @@ class ER19Step:
         for _ in range(self.free_steps):
             s = self.step(x, s)
         free = [s_k.clone() for s_k in s]
-        correct = int(free[-1].argmax(dim=1).eq(target.argmax(dim=1)).sum())
-        self.loss = float(0.5 * ((free[-1] - target) ** 2).sum() / x.shape[0])
+        correct = int(free[-1].argmax(dim=1).eq(target.argmax(dim=1)).sum())  # ER19's one host read per batch
+        self.cost_sum = self.cost_sum + 0.5 * ((free[-1] - target) ** 2).sum() / x.shape[0]  # stays on the device
         for _ in range(self.nudge_steps):
             s = self.step(x, s, target, self.beta)
         scale = -1.0 / (self.beta * x.shape[0])  # ER19 adds the Hebbian difference; .grad is its negative
