@@ -351,8 +351,13 @@ def _smooth_rate_calls(rho, s: Tensor, r: Tensor, slope: Tensor, scalar) -> tupl
     if type(rho) is Sigmoid:  # sigmoid(g s - g shift), and g r (1 - r) = g (r - r^2)
         return [partial(torch.add, scalar(-rho.gain * rho.shift), s, alpha=rho.gain, out=r), r.sigmoid_,
                 partial(torch.addcmul, r, r, r, value=-1.0, out=slope)], rho.gain
-    return [partial(torch.tanh, s, out=r),  # 1 - r^2
-            partial(torch.addcmul, scalar(1.0), r, r, value=-1.0, out=slope)], 1.0
+    slope_call = partial(torch.addcmul, scalar(1.0), r, r, value=-1.0, out=slope)  # 1 - r^2
+    if s.device.type != "cpu":
+        return [partial(torch.tanh, s, out=r), slope_call], 1.0
+    # tanh(s) = 2 sigmoid(2 s) - 1: torch's CPU tanh costs ~3 sigmoids, and this is as exact in absolute terms
+    # (within 1.5 ulp of 1: 3.3e-16 in float64, 1.8e-7 in float32; tests/speed/test_fast_paths.py)
+    double, unshift = partial(torch.mul, s, scalar(2.0), out=r), partial(torch.add, scalar(-1.0), r, alpha=2.0, out=r)
+    return [double, r.sigmoid_, unshift, slope_call], 1.0
 
 
 def _slope(rho, r: Tensor, s: Tensor) -> Tensor:
