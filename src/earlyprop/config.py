@@ -57,6 +57,8 @@ class TrainConfig:
     eval_steps: int = 40
     solver: str = "euler"
     omega: float = 1.0  # over-relaxation of the async solver (1 = exact block updates)
+    tol: float = 0.0  # a free phase stops once its residual is <= tol (checked every check_every steps); 0: off
+    check_every: int = 10
     nudge_scale: str = "eps"
     project: bool = True
     persistent: bool = False
@@ -95,6 +97,8 @@ class TrainConfig:
             (self.solver in ("euler", "async"), f"solver must be 'euler' or 'async', got {self.solver!r}"),
             (0.0 < self.omega < 2.0, f"omega must be in (0, 2), got {self.omega}"),
             (self.omega == 1.0 or self.solver == "async", f"omega = {self.omega} needs --solver async"),
+            (math.isfinite(self.tol) and self.tol >= 0, f"tol must be >= 0 (0: off), got {self.tol}"),
+            (self.check_every >= 1, f"check-every must be >= 1, got {self.check_every}"),
             (self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}"),
             (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
             (0 <= self.validation < 60000, f"validation must be >= 0, got {self.validation}"),

@@ -63,7 +63,7 @@ def resolve_device(device: str) -> str:
 def build_rule(config: TrainConfig, network: Network) -> LearningRule:
     relaxation = Relaxation(eps=config.eps, free_steps=config.free_steps, nudge_steps=config.nudge_steps,
                             project=config.project, method=config.solver, nudge_scale=config.nudge_scale,
-                            omega=config.omega)
+                            omega=config.omega, tol=config.tol or None, check_every=config.check_every)
     if config.cost == "cross_entropy":
         n_out = network.sizes[network.driven]
         cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(network.device)
@@ -97,6 +97,7 @@ class EpochMetrics:
     test_cost: float
     seconds: float
     examples_per_second: float
+    free_steps: float = math.nan  # mean steps of a training batch's free phase (< free_steps when --tol stops it)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Position:
     correct: int = 0
     cost: float = 0.0
     seen: int = 0
+    free_steps: int = 0  # summed over the epoch's batches (on this rank)
 
 
 @dataclass
@@ -180,6 +182,12 @@ class Trainer:
         correct, cost, seen = self.group.sum([pos.correct, pos.cost, pos.seen])
         return correct / max(seen, 1), cost / max(seen, 1), int(seen)
 
+    def mean_free_steps(self) -> float:
+        """Mean steps of the epoch's free phases so far, over batches and ranks (NaN for a rule without one)."""
+        (steps,) = self.group.sum([self.position.free_steps])
+        batches = self.position.batch * self.group.world
+        return steps / batches if batches and steps else math.nan
+
     def train_batch(self, batch: Tensor) -> None:
         idx = self.group.shard(batch)
         xb, yb = self.x_train[idx], self.y_train[idx]
@@ -201,6 +209,7 @@ class Trainer:
         self.position.correct += int((step.prediction == yb).sum())
         self.position.cost += float(step.cost.sum())
         self.position.seen += len(yb)
+        self.position.free_steps += step.free_steps or 0
         self.batches_seen += 1
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -258,17 +267,20 @@ class Trainer:
         for epoch in range(start_epoch, self.config.epochs + 1):
             t0 = time.perf_counter()
             train_acc, train_cost, seen = self.train_epoch(epoch)
+            free_steps = self.mean_free_steps()
             train_seconds = time.perf_counter() - t0
             examples += seen
             if self.scheduler is not None:
                 self.scheduler.step()
             test_acc, test_cost = self.evaluate(self.x_test, self.y_test)
             metrics = EpochMetrics(epoch, train_acc, train_cost, test_acc, test_cost, time.perf_counter() - t0,
-                                   seen / max(train_seconds, 1e-9))
+                                   seen / max(train_seconds, 1e-9), free_steps)
             self.history.append(metrics)
             self.position = Position()
+            converging = f"  free steps {free_steps:.1f}" if self.config.tol else ""
             self.log(f"epoch {epoch:3d}  train acc {train_acc:.4f}  cost {train_cost:.4f}  test acc {test_acc:.4f}"
-                     f"  cost {test_cost:.4f}  {metrics.seconds:.1f}s  {metrics.examples_per_second:.0f} ex/s")
+                     f"  cost {test_cost:.4f}  {metrics.seconds:.1f}s  {metrics.examples_per_second:.0f} ex/s"
+                     + converging)
             if self.writer is not None:
                 self.writer.write_table("metrics.csv", [m.__dict__ for m in self.history])
                 self.writer.write_table("fidelity.csv", self.fidelity)

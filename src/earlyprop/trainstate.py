@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from earlyprop.checkpoint import Checkpoint, CheckpointError, describe_mismatch
+from earlyprop.config import TrainConfig
 
 if TYPE_CHECKING:
     from earlyprop.train import Trainer
@@ -44,7 +45,8 @@ def snapshot(trainer: Trainer, epoch: int) -> tuple[dict[str, torch.Tensor], dic
         "config": trainer.config.to_dict(),
         "sizes": list(trainer.network.sizes),
         "epoch": epoch,
-        "position": {"batch": pos.batch, "correct": pos.correct, "cost": pos.cost, "seen": pos.seen},
+        "position": {"batch": pos.batch, "correct": pos.correct, "cost": pos.cost, "seen": pos.seen,
+                     "free_steps": pos.free_steps},
         "batches_seen": trainer.batches_seen,
         "history": [m.__dict__ for m in trainer.history],
         "fidelity": trainer.fidelity,
@@ -89,7 +91,8 @@ def restore(trainer: Trainer, checkpoint: Checkpoint) -> int:
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(_tupled(meta["rng_python"]))
     p = meta["position"]
-    trainer.position = Position(tensors.get("order"), p["batch"], p["correct"], p["cost"], p["seen"])
+    trainer.position = Position(tensors.get("order"), p["batch"], p["correct"], p["cost"], p["seen"],
+                                p.get("free_steps", 0))
     trainer.batches_seen = meta["batches_seen"]
     trainer.history = [EpochMetrics(**row) for row in meta["history"]]
     trainer.fidelity = list(meta["fidelity"])
@@ -105,7 +108,9 @@ def check_compatible(trainer: Trainer, meta: dict[str, Any], checkpoint: Checkpo
                               f"layer sizes {meta.get('sizes')} in the checkpoint, {sizes} configured")
     current = trainer.config.to_dict()
     keys = tuple(k for k in current if k not in FREE_TO_CHANGE)
-    diff = describe_mismatch(current, meta.get("config", {}), keys)
+    # a key newer than the checkpoint: its run had that setting's default behaviour
+    stored = {**TrainConfig().to_dict(), **meta.get("config", {})}
+    diff = describe_mismatch(current, stored, keys)
     if diff:
         raise CheckpointError(f"checkpoint {checkpoint.path.name} was made with other settings: {diff}")
 

@@ -138,3 +138,22 @@ def test_full_disk_keeps_the_previous_checkpoint_valid(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "atomic_write", real_write)
     valid = latest_checkpoint(out / "checkpoints")
     assert valid is not None and valid.meta["batches_seen"] > 0
+
+
+def test_checkpoint_from_before_a_config_key_existed_resumes_with_its_default(tmp_path):
+    """A checkpoint written before ``tol``/``check_every`` existed ran with their defaults: it resumes under them,
+    and a run configured otherwise is told what differs."""
+    import json
+
+    out = tmp_path / "run"
+    train(quick_config(epochs=2), out=out, log=lambda _: None)
+    for path in checkpoint_paths(out / "checkpoints"):
+        record = json.loads(path.read_text())
+        for key in ("tol", "check_every"):
+            del record["meta"]["config"][key]
+        del record["meta"]["position"]["free_steps"]
+        path.write_text(json.dumps(record))
+    summary = train(quick_config(epochs=2), out=out, log=lambda _: None, resume=True)
+    assert summary["resumed_from_epoch"] == 3
+    with pytest.raises(CheckpointError, match="other settings: tol"):
+        train(quick_config(epochs=2, tol=1e-3), out=out, log=lambda _: None, resume=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from earlyprop.config import ConfigError, TrainConfig, dump_toml, load_config
+from earlyprop.data import load_dataset
 from earlyprop.train import Trainer, train
 
 FAST = dict(hidden=[128], epochs=5, solver="async", free_steps=20)
@@ -109,3 +110,27 @@ def test_tensorboard_events_when_tensorboard_is_installed(tmp_path):
     events.Reload()
     assert [s.step for s in events.Scalars("accuracy/test")] == [1, 2]
     assert 0.0 <= events.Scalars("accuracy/test")[-1].value <= 1.0
+
+
+def test_tol_stops_free_phases_early_and_the_log_reports_their_steps():
+    """``--tol``: a free phase stops once its residual is <= tol; the epoch metrics hold the mean steps it took
+    (issue 4: iterations to tolerance reported), the full budget without it."""
+    base = {**FAST, "rule": "ep-symmetric", "beta": 0.5, "epochs": 2, "free_steps": 60, "eval_steps": 60}
+    lines: list[str] = []
+    trainer = Trainer(load_config(None, {**base, "tol": 1e-4}), load_dataset("digits"), log=lines.append)
+    stopped = trainer.fit()
+    full = Trainer(load_config(None, base), load_dataset("digits"), log=lambda _: None)
+    unstopped = full.fit()
+    assert [m.free_steps for m in full.history] == [60.0, 60.0]
+    steps = [m.free_steps for m in trainer.history]
+    assert all(10 <= s < 60 for s in steps), steps  # checked every 10 sweeps: 10 at the earliest
+    assert all("free steps" in line for line in lines if line.startswith("epoch"))
+    # the block solver lands on the fixed point exactly: stopping there changes nothing
+    assert stopped["test_accuracy"] == unstopped["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("changes, message", [({"tol": -1e-3}, "tol must be >= 0"),
+                                              ({"check_every": 0}, "check-every must be >= 1")])
+def test_bad_tolerance_settings_are_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**FAST, **changes})

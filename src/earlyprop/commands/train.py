@@ -66,6 +66,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "updates of even then odd layers (hard sigmoid, layered nets)")
     p.add_argument("--omega", type=float, help="over-relaxation of the async solver, in (0, 2): each layer moves "
                    "omega of the way to its minimiser (default 1; 1.3-1.7 needs far fewer sweeps to converge)")
+    p.add_argument("--tol", type=float, help="stop a free phase (training and evaluation) once its residual "
+                   "max|ds/dt| is <= TOL, checked every --check-every steps; the epoch log then reports the mean "
+                   "steps a free phase took (default 0: run every step)")
+    p.add_argument("--check-every", type=int, help="steps between the residual and finiteness checks (default 10; "
+                   "each is one device read)")
     p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
                    help="persistent particles: start each example's free phase where it last ended (EP17)")
     p.add_argument("--monitor-every", type=int, help="every N batches, log the cosine of the update with the "
@@ -91,8 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 CONFIG_FLAGS = ("data", "data_dir", "validation", "rule", "stdp_form", "hidden", "conv", "rho", "output_rho", "cost",
                 "init", "gain", "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-                "beta", "eps", "free_steps", "nudge_steps", "eval_steps", "solver", "omega", "persistent",
-                "monitor_every", "seed", "dtype", "device", "amp", "checkpoint_every", "keep_checkpoints")
+                "beta", "eps", "free_steps", "nudge_steps", "eval_steps", "solver", "omega", "tol", "check_every",
+                "persistent", "monitor_every", "seed", "dtype", "device", "amp", "checkpoint_every", "keep_checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -63,11 +63,13 @@ class Relaxation:
 
 @dataclass
 class StepResult:
-    """What a rule's step saw: the free state (for persistent particles), C at it, and the prediction."""
+    """What a rule's step saw: the free state (for persistent particles), C at it, the prediction, and the steps
+    the free phase ran (fewer than its budget when ``Relaxation.tol`` stopped it; None without a free phase)."""
 
     free_state: State
     cost: Tensor
     prediction: Tensor
+    free_steps: int | None = None
 
 
 class LearningRule:
@@ -112,10 +114,9 @@ class LearningRule:
         """Parameters outside the energy that the rule trains too (e.g. a softmax readout)."""
         return list(self.cost.parameters()) if isinstance(self.cost, torch.nn.Module) else []
 
-    def _free_phase(self, network: Network, x: Tensor, state: Sequence[Tensor] | None) -> State:
+    def _free_phase(self, network: Network, x: Tensor, state: Sequence[Tensor] | None) -> tuple[State, Diagnostics]:
         start = state if state is not None else network.init_state(x)
-        free, _ = self.relaxation.free(network, start)
-        return free
+        return self.relaxation.free(network, start)
 
     def _readout_grads(self, free: State, target: Tensor, network: Network) -> Tensor:
         """C at the free state; a readout outside the dynamics gets its direct gradient dC/dW_out (LA21)."""

@@ -61,7 +61,7 @@ class _Contrastive(LearningRule):
             start = state
         with torch.no_grad():  # bias + input drive: x stays clamped, so every phase of this batch shares it
             static = network.static_fields(start)
-        free, _ = self.relaxation.free(network, start, static=static, internal=True)
+        free, diagnostics = self.relaxation.free(network, start, static=static, internal=True)
         nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
         phases = self._phases(network, free, nu1, nu2, target, static)
         # the estimate is a small difference of two phases: never in reduced precision, even under --amp
@@ -70,7 +70,7 @@ class _Contrastive(LearningRule):
             grads, owned = self._grads(network, phases[0], phases[1], 1.0 / (nu2 - nu1), x.shape[0])
         accumulate_grads(list(network.parameters()), grads, owned=owned)
         value = self._readout_grads(free, target, network)
-        return StepResult(free, value, self.predict_state(network, free, static))
+        return StepResult(free, value, self.predict_state(network, free, static), diagnostics.steps)
 
     def _phases(self, network: Network, free: State, nu1, nu2, target: Tensor, static: list) -> list:
         return [self._phase(network, free, nu, target, static) for nu in (nu1, nu2)]

@@ -44,7 +44,7 @@ class BPTT(LearningRule):
             grads = torch.autograd.grad(value.mean(), params, allow_unused=True)
         accumulate_grads(params, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
         final = [s.detach() for s in final]
-        return StepResult(final, value.detach(), self.predict_state(network, final))
+        return StepResult(final, value.detach(), self.predict_state(network, final), r.free_steps)
 
 
 class RecurrentBackprop(LearningRule):
@@ -59,11 +59,11 @@ class RecurrentBackprop(LearningRule):
 
     def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
                       generator: torch.Generator | None = None) -> StepResult:
-        free = self._free_phase(network, x, state)
+        free, diagnostics = self._free_phase(network, x, state)
         grads = self.gradient(network, free, target)
         accumulate_grads(list(network.parameters()), grads)
         value = self._readout_grads(free, target, network)
-        return StepResult(free, value, self.predict_state(network, free))
+        return StepResult(free, value, self.predict_state(network, free), diagnostics.steps)
 
     def gradient(self, network: Network, free: State, target: Tensor) -> list[Tensor]:
         """dJ/dtheta of J = mean_batch C(s*(theta)), aligned with network.parameters()."""
