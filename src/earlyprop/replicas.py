@@ -17,9 +17,10 @@ computations of one number.
 - :class:`RAIN23Step`: layer objects updated block by block (even layers, then odd ones), each update summing
   its interactions' contributions, centered EP's two nudged phases from the free state.
 
-Where an anchor's own choice would make it slower (LA21's MNIST rate is a 5-op logistic, its cost is
-computed in float64), the replica takes the cheaper path earlyprop's config uses, so the speedups it
-measures are, if anything, too small.
+Where an anchor's own choice would make it slower (LA21's MNIST rate is a 5-op logistic, its cost is computed
+in float64 and its per-step ``grad_outputs`` built from a Python list; ER19 moves states to the device every
+batch; RAIN23's trainer computes 14 statistics per batch), the replica takes the cheaper path, so the speedups
+it measures are, if anything, too small.
 """
 
 from __future__ import annotations
