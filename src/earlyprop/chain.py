@@ -133,7 +133,7 @@ class Chain:
 
     def fixed_rates(self) -> tuple[list, list, Tensor | None, float] | None:
         """(calls, r, slope, alpha) when the rates live in fixed tensors: the state itself (every layer plain), or
-        buffers made once that ``calls`` fill (uniform logistic or tanh rates, 3 ops, no allocation); None when
+        buffers made once that ``calls`` fill (uniform logistic or tanh rates, 2-4 ops, no allocation); None when
         they are new tensors at every evaluation (then :meth:`rates` computes them)."""
         if all(self.plain[1:]):
             return [], self.s, None, 1.0

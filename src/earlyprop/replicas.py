@@ -14,8 +14,9 @@ computations of one number.
   (s <- rho(dPhi/ds), the input's drive included), the update as one backward of Phi's difference.
 - :class:`ER19Step`: the hand-written leaky dynamics, one list of per-layer tensors per step, the Hebbian
   update from the rates of both phases.
-- :class:`RAIN23Step`: layer objects updated block by block (even layers, then odd ones), each update summing
-  its interactions' contributions, centered EP's two nudged phases from the free state.
+- :class:`RAIN23Step`: layer objects updated block by block (every other free layer from the first, then the
+  rest), each update summing its interactions' contributions, centered EP's two nudged phases from the free
+  state.
 
 Where an anchor's own choice would make it slower (LA21's MNIST rate is a 5-op logistic, its cost is computed
 in float64 and its per-step ``grad_outputs`` built from a Python list; ER19 moves states to the device every
@@ -30,18 +31,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from earlyprop.interactions import Dense
 from earlyprop.network import Network
 from earlyprop.nonlinearity import Sigmoid
 
 
 def _layered_weights(network: Network) -> list[Tensor]:
     """W_k (n_k, n_{k-1}) of a plain layered chain, k = 1..L, in order."""
-    weights = [None] * (len(network.sizes) - 1)
-    for term in network.interactions:
-        weights[term.pre] = term.weight
-    if any(w is None for w in weights) or len(network.interactions) != len(weights):
+    pairs = sorted(network.layered_pairs(), key=lambda term: term.pre)
+    if [type(t) for t in network.interactions] != [Dense] * (len(network.sizes) - 1) or len(pairs) != len(
+            network.interactions):
         raise ValueError("the replicas run plain layered chains (one Dense term per consecutive pair)")
-    return weights
+    return [term.weight for term in pairs]
 
 
 class LA21Step:
@@ -224,7 +225,8 @@ class RAIN23Step:
 
     Layers are objects, the energy a list of interaction objects (biases, then dense terms); a layer update
     sums the gradients of the terms that touch it (the input's product every time: nothing is cached) and
-    sets s_k <- rho(-dE/ds_k), even layers then odd ones, ``iterations`` times per phase. The two nudged
+    sets s_k <- rho(-dE/ds_k), every other free layer from the first (RAIN23's ``[::2]``) then the rest, ``iterations``
+    times per phase. The two nudged
     phases (-beta, +beta) start from the free state and add the nudging term (by autograd) to the output's
     update, y <- rho(b + h W^T - beta (y - d)); the layers keep the +beta state for the next batch's free phase.
     The gradient is the difference of each term's dE/dtheta at the two nudged states over 2 beta. The

@@ -161,8 +161,9 @@ class Trainer:
         self.writer = self.run_dir if self.group.is_main else None  # one rank writes files
 
     # ------------------------------------------------------------------ one epoch
-    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
-        """Train on the epoch's remaining batches (all of them unless resuming mid-epoch)."""
+    def train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
+        """Train on the epoch's remaining batches (all of them unless resuming mid-epoch); return the accuracy, cost,
+        examples and mean free-phase steps per batch (NaN for a rule without a free phase) over the epoch."""
         pos, bs = self.position, self.config.batch_size
         if pos.order is None:
             pos.order = torch.randperm(len(self.x_train), generator=self.generator).to(self.x_train.device)
@@ -179,14 +180,10 @@ class Trainer:
                       file=sys.stderr, flush=True)
         if self.progress:
             print("\r", end="", file=sys.stderr)
-        correct, cost, seen = self.group.sum([pos.correct, pos.cost, pos.seen])
-        return correct / max(seen, 1), cost / max(seen, 1), int(seen)
-
-    def mean_free_steps(self) -> float:
-        """Mean steps of the epoch's free phases so far, over batches and ranks (NaN for a rule without one)."""
-        (steps,) = self.group.sum([self.position.free_steps])
-        batches = self.position.batch * self.group.world
-        return steps / batches if batches and steps else math.nan
+        correct, cost, seen, steps = self.group.sum([pos.correct, pos.cost, pos.seen, pos.free_steps])
+        batches = pos.batch * self.group.world  # every rank runs every batch, on its shard
+        free_steps = steps / batches if batches and steps else math.nan
+        return correct / max(seen, 1), cost / max(seen, 1), int(seen), free_steps
 
     def train_batch(self, batch: Tensor) -> None:
         idx = self.group.shard(batch)
@@ -266,8 +263,7 @@ class Trainer:
         examples = 0
         for epoch in range(start_epoch, self.config.epochs + 1):
             t0 = time.perf_counter()
-            train_acc, train_cost, seen = self.train_epoch(epoch)
-            free_steps = self.mean_free_steps()
+            train_acc, train_cost, seen, free_steps = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - t0
             examples += seen
             if self.scheduler is not None:
@@ -277,10 +273,10 @@ class Trainer:
                                    seen / max(train_seconds, 1e-9), free_steps)
             self.history.append(metrics)
             self.position = Position()
-            converging = f"  free steps {free_steps:.1f}" if self.config.tol else ""
+            steps_note = f"  free steps {free_steps:.1f}" if self.config.tol else ""
             self.log(f"epoch {epoch:3d}  train acc {train_acc:.4f}  cost {train_cost:.4f}  test acc {test_acc:.4f}"
                      f"  cost {test_cost:.4f}  {metrics.seconds:.1f}s  {metrics.examples_per_second:.0f} ex/s"
-                     + converging)
+                     + steps_note)
             if self.writer is not None:
                 self.writer.write_table("metrics.csv", [m.__dict__ for m in self.history])
                 self.writer.write_table("fidelity.csv", self.fidelity)
