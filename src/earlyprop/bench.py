@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -225,6 +225,25 @@ def make_cnn(cfg: BenchConfig) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
+def torch_loops_rule(rule):
+    """``rule`` with its phases in the torch loops (``Relaxation.native`` off)."""
+    import copy
+
+    twin = copy.copy(rule)
+    twin.relaxation = replace(rule.relaxation, native=False)
+    return twin
+
+
+def runs_compiled(net, x: torch.Tensor) -> bool:
+    """Whether relax runs ``net``'s phases in the compiled kernels (earlyprop.native) for inputs like ``x``."""
+    from earlyprop.chain import Chain
+
+    with torch.no_grad():
+        state = net.init_state(x)
+        chain = Chain.of(net, state, net.static_fields(state))
+    return chain is not None and chain.native is not None
+
+
 def random_batches(cfg: BenchConfig, device: torch.device, count: int = 8, seed: int = 1) -> list:
     """Inputs uniform in [0, 1] and random one-hot targets, float32."""
     gen = torch.Generator().manual_seed(seed)
@@ -246,6 +265,9 @@ class Runner:
         self.cfg, self.device = cfg, device
         self.batches = random_batches(cfg, device)
         self.net, self.rule = build_ep(cfg, device)
+        # where the compiled kernels run this config's phases, the torch loops too, for their speedup in this run
+        self.torch_rule = torch_loops_rule(self.rule) if runs_compiled(self.net, self.batches[0][0]) else None
+        self.torch_ms: list[float] = []
         self.replica = build_replica(cfg, self.net) if replica else None
         self.replica_ms: list[float] = []
         self.mlp = make_mlp(cfg.sizes, device, cfg=cfg)
@@ -275,6 +297,9 @@ class Runner:
         self.bp_grads()
         self.opt.step()
 
+    def torch_step(self) -> None:
+        self.torch_rule.compute_grads(self.net, *self._batch())
+
     def replica_step(self) -> None:
         self.replica.compute_grads(*self._batch())
 
@@ -282,15 +307,20 @@ class Runner:
         self.ep += time_calls(self.ep_step, count, warmup, self.device, reset=self.zero)
         self.bp += time_calls(self.bp_step, count, warmup, self.device)
         self.bp_grads_only += time_calls(self.bp_grads, count, warmup, self.device)
+        if self.torch_rule is not None:
+            self.torch_ms += time_calls(self.torch_step, count, warmup, self.device, reset=self.zero)
         if self.replica is not None:
             self.replica_ms += time_calls(self.replica_step, count, warmup, self.device, reset=self.zero)
 
     def result(self) -> dict[str, Any]:
         replica = statistics.median(self.replica_ms) if self.replica_ms else None
+        torch_ms = statistics.median(self.torch_ms) if self.torch_ms else None
         return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
                 "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
                 "replica_ms_per_batch": replica,
                 "speedup_vs_replica": replica / statistics.median(self.ep) if replica else None,
+                "torch_loops_ms_per_batch": torch_ms,
+                "native_speedup": torch_ms / statistics.median(self.ep) if torch_ms else None,
                 "repeats": len(self.ep)}
 
 
@@ -351,21 +381,24 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "
         f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7} {'replica ms':>10} "
-        f"{'speedup':>7}",
+        f"{'speedup':>7} {'torch ms':>8} {'native':>6}",
     ]
     for name, r in report["configs"].items():
         anchor = f"{r['anchor']} {r['anchor_ms']:g}" if r["anchor"] else "-"
         speedup = f"{r['speedup_vs_anchor']:.1f}x" if r["speedup_vs_anchor"] else "-"
         replica = f"{r['replica_ms_per_batch']:.3f}" if r.get("replica_ms_per_batch") else "-"
         same_run = f"{r['speedup_vs_replica']:.1f}x" if r.get("speedup_vs_replica") else "-"
+        loops = f"{r['torch_loops_ms_per_batch']:.3f}" if r.get("torch_loops_ms_per_batch") else "-"
+        compiled = f"{r['native_speedup']:.2f}x" if r.get("native_speedup") else "-"
         lines.append(
             f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
             f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
             f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7} {replica:>10} "
-            f"{same_run:>7}")
+            f"{same_run:>7} {loops:>8} {compiled:>6}")
     lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
               "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
               "batch on issue 4's machine, 1 thread, and our speedup over it; replica ms: the anchor's training "
               "step rewritten in earlyprop.replicas (its ops, the same gradient), timed in this run, and our "
-              "speedup over it"]
+              "speedup over it; torch ms: the same EP step with the torch loops instead of the compiled kernels "
+              "(earlyprop.native; '-' where they do not run), and the kernels' speedup"]
     return "\n".join(lines)

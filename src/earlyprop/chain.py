@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from earlyprop import native as native_kernels
 from earlyprop.interactions import Dense
 from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import HardSigmoid, Linear, Sigmoid, Tanh
@@ -44,10 +45,10 @@ class Chain:
     The free layers of the returned state are views of the flat buffer.
     """
 
-    def __init__(self, network: Network, weights: list[Tensor], state: Sequence[Tensor], static: Sequence):
+    def __init__(self, network: Network, weights: list[Tensor], state: Sequence[Tensor], static: Sequence,
+                 native: bool = True):
         self.n = n = len(weights)
         self.w: list = [None, *weights]  # w[k] couples layer k-1 (pre) and k (post), shape (n_k, n_{k-1})
-        self.wt: list = [None, *(w.t() for w in weights)]
         self.rhos, self.sizes = rhos, sizes = network.rhos, network.sizes
         self.bounds = [rho.bounds for rho in rhos]
         self.plain = [type(rho) is Linear for rho in rhos]  # rho(s) = s and rho'(s) = 1 right now
@@ -57,22 +58,31 @@ class Chain:
         self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
         batch, start, self.span = state[0].shape[0], 0, {}
         cpu = weights[0].device.type == "cpu"
-        self.unit_major = [False, *(cpu and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
+        compiled = native and native_kernels.fits(rhos, sizes, weights)  # the kernels read layers row-major
+        self.unit_major = [False, *(cpu and not compiled and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
         for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
             self.span[k] = (start, start + batch * sizes[k])
             start = self.span[k][1]
         self.flat = torch.empty(start, dtype=weights[0].dtype, device=weights[0].device)
-        self.hflat = torch.empty_like(self.flat)
-        self.s, self.h = self.views(self.flat), self.views(self.hflat)
+        self.s = self.views(self.flat)
+        self.hflat = self.h = self.wt = None  # the torch loops' field buffer and W^T views: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
         self._scalars: dict[float, Tensor] = {}
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
+        self.native = native_kernels.NativeChain(self) if compiled else None
         x = state[0]  # clamped: never written, so the returned state holds the input itself, as given
         self.state = [x.detach() if x.requires_grad else x, *self.s[1:]]
-        # a state already inside [0, 1] (the rest state, or the free state a nudged phase starts from) makes
-        # its hard-sigmoid layers plain from the first step: 2 ops instead of rho and rho' (5 ops) per step
-        hard = [k for k in range(1, n + 1) if self.hard[k]]
+
+    def prepare_torch_loops(self) -> None:
+        """What only the torch loops use: the field buffer, the W^T views (made here, not per chain: the compiled
+        kernels run without them), and the plain marks of hard-sigmoid layers when the state is inside [0, 1]
+        (the rest state, or the free state a nudged phase starts from): 2 ops instead of rho and rho' (5 ops)
+        per step."""
+        if self.hflat is None:
+            self.hflat = torch.empty_like(self.flat)
+            self.h, self.wt = self.views(self.hflat), [None, *(w.t() for w in self.w[1:])]
+        hard = [k for k in range(1, self.n + 1) if self.hard[k] and not self.plain[k]]
         if hard:  # clip(s) == s exactly iff every unit is in [0, 1] (a NaN compares unequal)
             runs = [run for _, _, _, run in self.clamp_plan(hard)]
             if all(torch.equal(run.clamp(0.0, 1.0), run) for run in runs):
@@ -80,7 +90,10 @@ class Chain:
                     self.plain[k] = True
 
     @staticmethod
-    def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None) -> Chain | None:
+    def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True
+           ) -> Chain | None:
+        """The chain of ``network``, or None where the general loop must run; ``native``: let the compiled CPU
+        kernels of :mod:`earlyprop.native` run its steps where they apply."""
         n = len(network.sizes) - 1
         if network.clamped != (0,) or network.driven != n or len(network.interactions) != n:
             return None
@@ -98,7 +111,7 @@ class Chain:
                 nudge is not None and (nudge.target.dtype != dtype or
                                        (isinstance(nudge.beta, Tensor) and nudge.beta.dtype != dtype))):
             return None
-        return Chain(network, weights, state, static)
+        return Chain(network, weights, state, static, native)
 
     def scalar(self, value: float) -> Tensor:
         """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_calls)."""
@@ -195,12 +208,16 @@ class Chain:
         return all_finite(self.flat)
 
     def euler_stepper(self, eps: float, nudge, nudge_factor: float, project: bool):
-        """``advance(measure, commit=True)``: one leaky-integrator step (BF-1 with the nudge of BF-9), in place.
+        """``advance(measure, commit=True, count=1)``: ``count`` leaky-integrator steps (BF-1 with the nudge of
+        BF-9), in place, the last one measured when ``measure``.
 
         s + eps (R - s) - c beta (s - d) = lerp(s, G, eps) with G = R - k (s - d), k = c beta / eps, so the whole
         update is one lerp over the flat buffer; on the driven layer k d joins the static field. With
         ``commit=False`` it only measures the step (the residual max|step| / eps), leaving the state alone.
         """
+        if self.native is not None:
+            return self.native.euler_stepper(eps, nudge, nudge_factor, project)
+        self.prepare_torch_loops()
         n, layers = self.n, range(1, self.n + 1)
         plan = self.clamp_plan(layers) if project else []
         eps_t = self.scalar(eps)
@@ -241,12 +258,15 @@ class Chain:
                 replay[key] = calls
             return calls
 
-        def advance(measure: bool, commit: bool = True) -> float | None:
+        def advance(measure: bool, commit: bool = True, count: int = 1) -> float | None:
+            for _ in range(count - 1 if measure else count):
+                for call in drive_calls():
+                    call()
+                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
+            if not measure:
+                return None
             for call in drive_calls():
                 call()
-            if not measure:
-                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
-                return None
             new, plain = torch.lerp(self.flat, self.hflat, eps), list(self.plain)
             self.clamp(new, plan, layers)
             step = new - self.flat if commit else new.sub_(self.flat)
@@ -260,8 +280,9 @@ class Chain:
         return advance
 
     def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
-        """``advance(measure)``: one sweep of exact block minimisation (SC23), as ``block_sweep`` computes it,
-        over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity group)."""
+        """``advance(measure, count=1)``: ``count`` sweeps of exact block minimisation (SC23), as ``block_sweep``
+        computes them, over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity
+        group)."""
         n, plans = self.n, [self.clamp_plan(group) for group in groups]
         if nudge is not None:  # the curvature's host sync (per-example beta) happens here, once per phase
             curvature = nudge_curvature(nudge, beta_scale, self.flat)
@@ -270,6 +291,9 @@ class Chain:
             beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
             pull = beta * beta_scale * nudge.target  # the products in the order nudged_minimiser takes them
             static_pulled = self.static[n] + pull
+        if self.native is not None and (nudge is None or convex):
+            return self.native.block_stepper(nudge, beta_scale, omega, a if nudge is not None else None)
+        self.prepare_torch_loops()
         relaxed = omega != 1.0
         target = self.h if relaxed else self.s  # where a block's minimiser goes
         runs = [self.group_run(group) for group in groups] if relaxed else None
@@ -302,7 +326,12 @@ class Chain:
         def keep_concave_rows() -> None:
             self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
 
-        def advance(measure: bool) -> float | None:
+        def advance(measure: bool, count: int = 1) -> float | None:
+            for _ in range(count - 1):
+                sweep(False)
+            return sweep(measure)
+
+        def sweep(measure: bool) -> float | None:
             if not replay and self.replayable(plans):  # then the rates are the state itself, sweep after sweep
                 replay.extend(call for i in range(len(groups)) for call in group_calls(i, self.s, replayed=True))
             before = self.flat.clone() if measure else None

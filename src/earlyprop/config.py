@@ -59,6 +59,7 @@ class TrainConfig:
     omega: float = 1.0  # over-relaxation of the async solver (1 = exact block updates)
     tol: float = 0.0  # a free phase stops once its residual is <= tol (checked every check_every steps); 0: off
     check_every: int = 10
+    native: bool = True  # compiled CPU relaxation kernels where they apply (numba; earlyprop.native)
     nudge_scale: str = "eps"
     project: bool = True
     persistent: bool = False

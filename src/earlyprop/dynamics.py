@@ -13,7 +13,7 @@ Noisy phase: T > 0. Newton polishing of fixed points lives in :func:`earlyprop.n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -166,6 +166,7 @@ def relax(
     omega: float = 1.0,
     validate: bool = True,
     final_residual: bool = True,
+    native: bool = True,
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -203,6 +204,8 @@ def relax(
         returned state (one more field evaluation and a device read); False leaves ``Diagnostics.residual`` NaN.
     static : ``network.static_fields(state)`` (bias + drive of the clamped layers), computed here when None;
         passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
+    native : on CPU, run the lean chain's steps in the compiled kernels of :mod:`earlyprop.native` where they
+        apply (numba installed; linear/hard-sigmoid layers, small products): same results up to round-off.
 
     On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
     with the same results up to round-off; the free layers of the returned state are then views of one buffer
@@ -229,7 +232,7 @@ def relax(
         # the lean loops of chain.Chain: same equations, for the plain layered chain without the extras
         lean = not (differentiable or sigma > 0 or fixed_layers or not rho_prime_factor) and (
             nudge is None or type(nudge.cost) is SquaredError)
-        chain = Chain.of(network, state, static, nudge) if lean else None
+        chain = Chain.of(network, state, static, nudge, native) if lean else None
         if chain is not None:
             s = chain.state
         else:
@@ -270,12 +273,15 @@ def relax(
                     s[layer] = new.clamp(*lo_hi) if lo_hi is not None else new
                 return res
 
+        step_once, advance = advance, advance if chain is not None else _repeating(advance)
         energy = [_mean_free_energy(network, s, nudge)] if record_energy else None
         trajectory = [list(s) if differentiable else [t.clone() for t in s]] if record_trajectory else None
         residual, converged, step = math.inf, False, 0
-        for step in range(1, steps + 1):
+        while step < steps:  # in stretches up to the next check (single steps when every step is recorded)
+            count = 1 if record_energy or record_trajectory else min(check_every - step % check_every, steps - step)
+            step += count
             measure = tol is not None and (step % check_every == 0 or step == steps)
-            res = advance(measure)
+            res = advance(measure, count=count)
             if step % check_every == 0 or step == steps:
                 _check_finite(s, moving, step, eps, beta, chain)
             if record_energy:
@@ -291,13 +297,23 @@ def relax(
             residual = math.nan
         elif not converged:  # the residual at the returned state, which the loop has not measured
             if chain is not None:  # the Euler step's measure-only call, for the block solver too
-                euler = advance if method == "euler" else chain.euler_stepper(eps, nudge, nudge_factor, project)
+                euler = step_once if method == "euler" else chain.euler_stepper(eps, nudge, nudge_factor, project)
                 residual = euler(True, commit=False)
             else:
                 residual = advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor,
                                             static)
             converged = tol is not None and residual <= tol
         return s, Diagnostics(step, residual, converged, energy, trajectory)
+
+
+def _repeating(advance: Callable) -> Callable:
+    """``advance(measure)`` as ``advance(measure, count)``: count steps, the last one measured."""
+    def run(measure: bool, count: int = 1) -> float | None:
+        for _ in range(count - 1):
+            advance(False)
+        return advance(measure)
+
+    return run
 
 
 def residual(

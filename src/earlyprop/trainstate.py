@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from earlyprop.train import Trainer
 
 # settings that may change between a run and its resumption without changing its results
-FREE_TO_CHANGE = ("data_dir", "checkpoint_every", "keep_checkpoints", "device")
+# settings that change speed or round-off only, like the device: a resumed run may change them
+FREE_TO_CHANGE = ("data_dir", "checkpoint_every", "keep_checkpoints", "device", "native")
 
 
 def snapshot(trainer: Trainer, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

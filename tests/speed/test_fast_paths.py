@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import earlyprop.chain as chain_module
+import earlyprop.native as native
 from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
 from earlyprop.interactions import Dense, Lateral
@@ -68,10 +69,16 @@ RHOS = [("hard_sigmoid", True), ("hard_sigmoid", False), (Sigmoid(4.0, 0.5), Fal
 NUDGES = [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE), dict(beta=-1.0), dict(beta=0.5, nudge_scale="none")]
 
 
-@pytest.fixture(params=["narrow-unit-major", "all-row-major", "all-unit-major"])
+@pytest.fixture(params=["compiled", "narrow-unit-major", "all-row-major", "all-unit-major"])
 def layout(request, monkeypatch):
-    """The lean chain's memory layouts: narrow layers unit-major (the CPU default), every layer row-major (as
-    on a GPU), every layer unit-major."""
+    """The lean chain's loops: the compiled kernels (earlyprop.native, where numba is installed and the chain
+    fits them), and the torch loops in their memory layouts: narrow layers unit-major (the CPU default), every
+    layer row-major (as on a GPU), every layer unit-major."""
+    if request.param == "compiled":
+        if not native.available():
+            pytest.skip("numba is not installed: the compiled kernels do not exist here (pip install numba)")
+        return request.param
+    monkeypatch.setattr(native, "numba", None)  # as on a machine without numba
     width = {"narrow-unit-major": 6, "all-row-major": 0, "all-unit-major": 10**6}[request.param]
     monkeypatch.setattr(chain_module, "UNIT_MAJOR_WIDTH", width)
     return request.param
@@ -93,7 +100,7 @@ def test_euler_chain_matches_general_loop(sizes, rho, project, nudge, layout):
 
 
 @pytest.mark.parametrize("sizes", [SMALL, DEEP])
-def test_euler_chain_tolerance_and_trajectory(sizes):
+def test_euler_chain_tolerance_and_trajectory(sizes, layout):
     net, general = twin(sizes, "hard_sigmoid")
     x, d = data(sizes)
     kw = dict(steps=400, eps=0.5, project=True, tol=1e-4, check_every=3, beta=0.3, target=d, record_trajectory=True)
@@ -356,8 +363,26 @@ def test_narrow_layers_are_unit_major_on_cpu():
     sizes = (30, 24, 20, 10)
     net = Network.layered(sizes, "hard_sigmoid", dtype=torch.float64, seed=0)
     x, _ = data(sizes)
-    state, _ = relax(net, net.init_state(x), steps=3, eps=0.5, project=True)
+    state, _ = relax(net, net.init_state(x), steps=3, eps=0.5, project=True, native=False)
     assert [t.stride() for t in state[1:]] == [(24, 1), (20, 1), (1, 6)]
+    if native.available():  # the compiled kernels read every layer row-major
+        state, _ = relax(net, net.init_state(x), steps=3, eps=0.5, project=True)
+        assert [t.stride() for t in state[1:]] == [(24, 1), (20, 1), (10, 1)]
+
+
+@pytest.mark.parametrize("sizes, rho, compiled", [
+    ((784, 500, 10), "hard_sigmoid", True), ((30, 24, 20, 10), "linear", True),
+    ((784, 500, 10), Sigmoid(4.0, 0.5), True), ((784, 500, 10), "tanh", True),
+    ((784, 500, 500, 10), "hard_sigmoid", False),  # 500 x 500 products: MKL's
+    ((784, 10), "hard_sigmoid", False)])  # one free layer: no product in the loop
+def test_which_chains_run_compiled(sizes, rho, compiled):
+    if not native.available():
+        pytest.skip("numba is not installed: no chain runs compiled here (pip install numba)")
+    net = Network.layered(sizes, rho, dtype=torch.float32, seed=0)
+    state = net.init_state(torch.zeros(2, sizes[0]))
+    chain = Chain.of(net, state, net.static_fields(state))
+    assert (chain.native is not None) == compiled
+    assert Chain.of(net, state, net.static_fields(state), native=False).native is None
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 4e-16), (torch.float32, 2.5e-7)])

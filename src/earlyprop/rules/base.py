@@ -31,6 +31,7 @@ class Relaxation:
     check_every: int = 10
     method: str = "euler"
     omega: float = 1.0
+    native: bool = True  # relax's compiled CPU kernels where they apply (earlyprop.native): same results
 
     def __post_init__(self) -> None:
         check_omega(self.omega, self.method)
@@ -44,7 +45,8 @@ class Relaxation:
         ``validate`` and ``final_residual``; a few ops and device reads per phase)."""
         return relax(network, state, steps=self.free_steps, eps=self.eps, project=self.project,
                      nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every, method=self.method,
-                     static=static, omega=self.omega, validate=not internal, final_residual=not internal)
+                     static=static, omega=self.omega, validate=not internal, final_residual=not internal,
+                     native=self.native)
 
     def nudged(
         self, network: Network, state: Sequence[Tensor], beta: float | Tensor, target: Tensor, cost: Cost,
@@ -58,7 +60,7 @@ class Relaxation:
                      project=self.project, nudge_scale=self.nudge_scale, check_every=self.check_every,
                      record_trajectory=record_trajectory, method=method, static=static,
                      omega=self.omega if method == "async" else 1.0, validate=not internal,
-                     final_residual=not internal)
+                     final_residual=not internal, native=self.native)
 
 
 @dataclass

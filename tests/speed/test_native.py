@@ -1,0 +1,121 @@
+"""The compiled CPU kernels (earlyprop.native): their exp, rates and float32 steps, their switch, their NaNs.
+
+Their fixed points, trajectories and gradients against the general loop are in test_fast_paths.py (the
+"compiled" layout); here what is particular to them. Skipped, with the reason, where numba is not installed
+(CI installs it: the test extra requires it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_fast_paths import data  # tests/speed is on sys.path (rootdir-relative import)
+
+import earlyprop.native as native
+from earlyprop import DivergenceError
+from earlyprop.chain import Chain
+from earlyprop.config import TrainConfig, load_config
+from earlyprop.dynamics import relax
+from earlyprop.network import Network
+from earlyprop.nonlinearity import Sigmoid, Tanh
+from earlyprop.rules import EquilibriumProp, Relaxation
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled kernels here "
+                                "(pip install earlyprop[native])")
+
+
+@pytest.fixture(scope="module")
+def exp_all():
+    import numba
+
+    @numba.njit(fastmath=native.FASTMATH - {"reassoc"}, error_model="numpy")
+    def run(x):
+        for i in range(x.shape[0]):
+            x[i] = native._exp(x[i])
+
+    return run
+
+
+@pytest.mark.parametrize("dtype, limit", [(np.float64, 708.0), (np.float32, 87.0)])
+def test_exp_is_within_one_ulp(exp_all, dtype, limit):
+    """Over the whole range it computes (and at the reduction's seams, x = (k + 1/2) ln 2), against float64 exp."""
+    x = np.concatenate([np.linspace(-limit, limit, 200_001), (np.arange(-60, 60) + 0.5) * math.log(2)]).astype(dtype)
+    y = x.copy()
+    exp_all(y)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(y - exact) / exact) <= np.finfo(dtype).eps
+
+
+def test_exp_saturates_and_passes_nan(exp_all):
+    x = np.array([-1e4, -np.inf, 1e4, np.inf, np.nan, 0.0])
+    exp_all(x)
+    assert x[0] == x[1] == pytest.approx(math.exp(-708.0), rel=2.3e-16)
+    assert x[2] == x[3] == pytest.approx(math.exp(708.0), rel=2.3e-16)
+    assert math.isnan(x[4]) and x[5] == 1.0
+
+
+@pytest.mark.parametrize("rho", [Sigmoid(4.0, 0.5), Sigmoid(1.0, 0.0), Tanh()], ids=repr)
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 4e-16), (np.float32, 2.5e-7)])
+def test_smooth_rates_and_slopes_to_working_precision(rho, dtype, tol):
+    s = np.linspace(-12.0, 12.0, 4001).astype(dtype)
+    r, slope = np.empty_like(s), np.empty_like(s)
+    kind, (_, _, gain, shift) = native.KINDS[type(rho)], native._params(rho)
+    native._smooth_rates(s, r, slope, kind, dtype(gain), dtype(shift))
+    exact = torch.from_numpy(s.astype(np.float64))
+    assert np.max(np.abs(r - rho.rho(exact).numpy())) <= tol
+    assert np.max(np.abs(slope - rho.rho_prime(exact).numpy())) <= 4 * tol * max(1.0, rho_gain(rho))
+
+
+def rho_gain(rho) -> float:
+    return getattr(rho, "gain", 1.0)
+
+
+@pytest.mark.parametrize("rho, project, method", [
+    ("hard_sigmoid", True, "euler"), ("hard_sigmoid", False, "euler"), (Sigmoid(4.0, 0.5), False, "euler"),
+    ("tanh", False, "euler"), ("hard_sigmoid", True, "async")])  # the block solver: hard-sigmoid/linear layers
+def test_float32_steps_match_the_torch_loop(rho, project, method):
+    """In float32 (what training runs) the kernels and the torch loop agree to float32 round-off, free and
+    nudged, with a per-example beta."""
+    sizes = (784, 100, 10)
+    net = Network.layered(sizes, rho, dtype=torch.float32, seed=3, gain=1.5)
+    x, d = data(sizes, batch=7)
+    x, d = x.float(), d.float()
+    beta = torch.linspace(-0.5, 1.0, 7)
+    kw = dict(steps=30, eps=0.3, project=project, method=method, tol=1e-9, check_every=7)
+    for nudge in (dict(), dict(beta=beta, target=d)):
+        fast, fd = relax(net, net.init_state(x), **kw, **nudge)
+        slow, sd = relax(net, net.init_state(x), **kw, **nudge, native=False)
+        assert Chain.of(net, net.init_state(x), net.static_fields(net.init_state(x))).native is not None
+        for a, b in zip(fast, slow):
+            assert float((a - b).abs().max()) <= 2e-5
+        assert fd.steps == sd.steps and abs(fd.residual - sd.residual) <= 1e-3 * max(1.0, sd.residual)
+
+
+def test_a_nan_input_diverges_as_in_the_torch_loop():
+    """NaN passes through the clips and the exp: relax's finiteness check sees it."""
+    sizes = (6, 5, 3)
+    for rho in ("hard_sigmoid", "tanh"):
+        net = Network.layered(sizes, rho, dtype=torch.float64, seed=0)
+        x = torch.rand(2, 6, dtype=torch.float64)
+        state = net.init_state(x)
+        static = net.static_fields(state)
+        static[1][0, 2] = math.nan
+        with pytest.raises(DivergenceError):
+            relax(net, state, steps=5, eps=0.5, static=static, validate=False)
+
+
+def test_the_switch_reaches_the_rules_and_the_config():
+    net = Network.layered((12, 9, 4), "hard_sigmoid", dtype=torch.float64, seed=0)
+    x, d = data((12, 9, 4))
+    grads = []
+    for flag in (True, False):
+        rule = EquilibriumProp(0.5, "centered", Relaxation(native=flag))
+        rule.compute_grads(net, x, d)
+        grads.append([p.grad.clone() for p in net.parameters()])
+        net.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        assert float((a - b).abs().max()) <= 1e-12
+    assert TrainConfig().native is True and load_config(None, {"native": False}).native is False
