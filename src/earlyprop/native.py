@@ -32,8 +32,10 @@ START, SIZE, KIND = 0, 1, 2  # rows of layout
 LO, HI, GAIN, SHIFT = 0, 1, 2, 3  # rows of params
 LINEAR, HARD, SIGMOID, TANH = 0, 1, 2, 3
 # Products of a step stay in the kernel while each example's free-free couplings take at most this many
-# multiply-adds: past it MKL's blocked products win (784-500-500-500-10's 500x500 couplings: BENCHMARKS.md).
-MAX_ROW_MACS = 40_000
+# multiply-adds: past it MKL's blocked products win. Per Euler step, batch 20, float32, one thread, kernel vs
+# torch loop (BENCHMARKS.md, 2026-11-28 native): 784-500-10 (5K) 1.65x faster, 784-200-200-10 (42K) 1.12x,
+# 784-300-300-10 (93K) 0.84x, 784-500-500-500-10 (505K) 0.60x.
+MAX_ROW_MACS = 50_000
 # No 'nnan'/'ninf' fast-math: a diverging state must stay NaN/inf for relax's finiteness check to see it.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
