@@ -32,10 +32,10 @@ START, SIZE, KIND = 0, 1, 2  # rows of layout
 LO, HI, GAIN, SHIFT = 0, 1, 2, 3  # rows of params
 LINEAR, HARD, SIGMOID, TANH = 0, 1, 2, 3
 # Products of a step stay in the kernel while each example's free-free couplings take at most this many
-# multiply-adds: past it MKL's blocked products win. Per Euler step, batch 20, float32, one thread, kernel vs
-# torch loop (BENCHMARKS.md, 2026-11-28 native): 784-500-10 (5K) 1.65x faster, 784-200-200-10 (42K) 1.12x,
-# 784-300-300-10 (93K) 0.84x, 784-500-500-500-10 (505K) 0.60x.
-MAX_ROW_MACS = 50_000
+# multiply-adds: past it MKL's blocked products win. Per Euler step, batch 20, float32, one thread, torch loop
+# over kernel in two runs (BENCHMARKS.md, "2026-11-28: compiled kernels"): 784-500-10 (5K MACs) 1.65x, 2.02x;
+# 784-100-100-10 (11K) 1.39x, 1.23x; 784-200-200-10 (42K) 1.12x, 0.98x; 784-300-300-10 (93K) 0.84x, 0.75x.
+MAX_ROW_MACS = 40_000
 # No 'nnan'/'ninf' fast-math: a diverging state must stay NaN/inf for relax's finiteness check to see it.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 

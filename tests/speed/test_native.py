@@ -17,6 +17,7 @@ from test_fast_paths import data  # tests/speed is on sys.path (rootdir-relative
 import earlyprop.native as native
 from earlyprop import DivergenceError
 from earlyprop.chain import Chain
+from earlyprop.cli import build_parser
 from earlyprop.config import TrainConfig, load_config
 from earlyprop.dynamics import relax
 from earlyprop.network import Network
@@ -119,3 +120,5 @@ def test_the_switch_reaches_the_rules_and_the_config():
     for a, b in zip(*grads):
         assert float((a - b).abs().max()) <= 1e-12
     assert TrainConfig().native is True and load_config(None, {"native": False}).native is False
+    args = build_parser().parse_args(["train", "--no-native"])
+    assert args.native is False and build_parser().parse_args(["train"]).native is None  # None: the config's
