@@ -58,7 +58,7 @@ class Chain:
         self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
         batch, start, self.span = state[0].shape[0], 0, {}
         cpu = weights[0].device.type == "cpu"
-        compiled = native and native_kernels.fits(rhos, sizes, weights)  # the kernels read layers row-major
+        compiled = native and native_kernels.fits(rhos, sizes, weights, batch)  # they read layers row-major
         self.unit_major = [False, *(cpu and not compiled and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
         for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
             self.span[k] = (start, start + batch * sizes[k])

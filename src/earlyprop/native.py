@@ -31,11 +31,13 @@ except ImportError:  # the torch loops of chain.Chain run instead
 START, SIZE, KIND = 0, 1, 2  # rows of layout
 LO, HI, GAIN, SHIFT = 0, 1, 2, 3  # rows of params
 LINEAR, HARD, SIGMOID, TANH = 0, 1, 2, 3
-# Products of a step stay in the kernel while each example's free-free couplings take at most this many
-# multiply-adds: past it MKL's blocked products win. Per Euler step, batch 20, float32, one thread, torch loop
-# over kernel in two runs (BENCHMARKS.md, "2026-11-28: compiled kernels"): 784-500-10 (5K MACs) 1.65x, 2.02x;
-# 784-100-100-10 (11K) 1.39x, 1.23x; 784-200-200-10 (42K) 1.12x, 0.98x; 784-300-300-10 (93K) 0.84x, 0.75x.
-MAX_ROW_MACS = 40_000
+# A step's products stay in the kernel while they take at most this many multiply-adds (batch x the free-free
+# couplings of one example), divided by torch's threads (the kernel runs on one, MKL's products on all):
+# past it MKL's blocked products win. Per Euler step, float32, one thread, torch loop over kernel in two runs
+# (BENCHMARKS.md, "2026-11-28: compiled kernels"): batch 20: 784-500-10 (100K MACs) 1.65x, 2.02x;
+# 784-100-100-10 (220K) 1.39x, 1.23x; 784-200-200-10 (840K) 1.12x, 0.98x; 784-300-300-10 (1.9M) 0.84x, 0.75x;
+# 784-500-10 at batch 64 (320K) 1.10x, at batch 256 (1.3M) 0.89x.
+MAX_STEP_MACS = 800_000
 # No 'nnan'/'ninf' fast-math: a diverging state must stay NaN/inf for relax's finiteness check to see it.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -308,16 +310,17 @@ def block_sweeps(s, r, slope, rows, statics, pull, curvature, layout, params, we
     return worst / omega
 
 
-def fits(rhos, sizes, weights) -> bool:
+def fits(rhos, sizes, weights, batch: int) -> bool:
     """Whether the kernels can run the chain x - h_1 - ... - h_n (rates ``rhos[1:]``, free-free couplings
-    ``weights[1:]``): numba installed, CPU float32/float64, two free layers or more, linear, hard-sigmoid,
-    logistic or tanh rates, and products small enough (:data:`MAX_ROW_MACS`)."""
+    ``weights[1:]``) on a batch: numba installed, CPU float32/float64, two free layers or more, linear,
+    hard-sigmoid, logistic or tanh rates, and products small enough (:data:`MAX_STEP_MACS`)."""
     n, w = len(sizes) - 1, weights[0]
     if numba is None or n < 2 or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
         return False
     if any(type(rho) not in KINDS for rho in rhos[1:]):
         return False
-    return sum(sizes[k] * sizes[k - 1] for k in range(2, n + 1)) <= MAX_ROW_MACS
+    step_macs = batch * sum(sizes[k] * sizes[k - 1] for k in range(2, n + 1))
+    return step_macs <= MAX_STEP_MACS / torch.get_num_threads()
 
 
 KINDS = {Linear: LINEAR, HardSigmoid: HARD, Sigmoid: SIGMOID, Tanh: TANH}
