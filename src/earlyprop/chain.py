@@ -75,8 +75,8 @@ class Chain:
         self.state = [x.detach() if x.requires_grad else x, *self.s[1:]]
 
     def prepare_torch_loops(self) -> None:
-        """What only the torch loops use: the field buffer, the W^T views (made here, not per chain: the compiled
-        kernels run without them), and the plain marks of hard-sigmoid layers when the state is inside [0, 1]
+        """What only the torch loops use, made on their first use (the compiled kernels run without it): the
+        field buffer, the W^T views, and the plain marks of hard-sigmoid layers when the state is inside [0, 1]
         (the rest state, or the free state a nudged phase starts from): 2 ops instead of rho and rho' (5 ops)
         per step."""
         if self.hflat is None:

@@ -205,7 +205,8 @@ def relax(
     static : ``network.static_fields(state)`` (bias + drive of the clamped layers), computed here when None;
         passing it lets the phases of one batch share the input drive, which is constant while x is clamped.
     native : on CPU, run the lean chain's steps in the compiled kernels of :mod:`earlyprop.native` where they
-        apply (numba installed; linear/hard-sigmoid layers, small products): same results up to round-off.
+        apply (numba installed; linear, hard-sigmoid, logistic or tanh layers; small products): same results up
+        to round-off. False: the torch loops.
 
     On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
     with the same results up to round-off; the free layers of the returned state are then views of one buffer

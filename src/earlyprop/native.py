@@ -36,7 +36,7 @@ LINEAR, HARD, SIGMOID, TANH = 0, 1, 2, 3
 # past it MKL's blocked products win. Per Euler step, float32, one thread, torch loop over kernel in two runs
 # (BENCHMARKS.md, "2026-11-28: compiled kernels"): batch 20: 784-500-10 (100K MACs) 1.65x, 2.02x;
 # 784-100-100-10 (220K) 1.39x, 1.23x; 784-200-200-10 (840K) 1.12x, 0.98x; 784-300-300-10 (1.9M) 0.84x, 0.75x;
-# 784-500-10 at batch 64 (320K) 1.10x, at batch 256 (1.3M) 0.89x.
+# and (one run) 784-500-10 at batch 64 (320K) 1.10x, at batch 256 (1.3M) 0.89x.
 MAX_STEP_MACS = 800_000
 # No 'nnan'/'ninf' fast-math: a diverging state must stay NaN/inf for relax's finiteness check to see it.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
