@@ -53,7 +53,11 @@ def _jit(function=None, *, fastmath=FASTMATH):
     if numba is None:
         return function
     # error_model numpy: x / 0 is inf or NaN as in torch, not a ZeroDivisionError check that stops vectorisation
-    return numba.njit(fastmath=fastmath, error_model="numpy", cache=True, nogil=True)(function)
+    options = dict(fastmath=fastmath, error_model="numpy", nogil=True)
+    try:
+        return numba.njit(cache=True, **options)(function)
+    except RuntimeError:  # no writable cache (a read-only install, no user cache dir): compile in each process
+        return numba.njit(**options)(function)
 
 
 @_jit

@@ -122,3 +122,24 @@ def test_the_switch_reaches_the_rules_and_the_config():
     assert TrainConfig().native is True and load_config(None, {"native": False}).native is False
     args = build_parser().parse_args(["train", "--no-native"])
     assert args.native is False and build_parser().parse_args(["train"]).native is None  # None: the config's
+
+
+def test_compiles_without_a_writable_cache(monkeypatch):
+    """A read-only install with no user cache directory: numba cannot cache, and the kernels still compile (in
+    each process) instead of failing the import. (Checked by hand too: the package copied to a read-only
+    folder, run as another user with HOME and NUMBA_CACHE_DIR unwritable, relaxes a tanh chain.)"""
+    import numba
+
+    njit = numba.njit
+
+    def no_cache(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+
+    def twice(x):
+        return 2.0 * x
+
+    assert native._jit(twice)(1.5) == 3.0
