@@ -22,6 +22,7 @@ from torch import Tensor
 from earlyprop.chain import Chain
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State, all_finite
+from earlyprop.nudge import Nudge, check_nudge_fits, make_nudge
 from earlyprop.solvers import (
     block_sweep,
     check_block_solvable,
@@ -49,79 +50,6 @@ class Diagnostics:
     converged: bool
     energy: list[float] | None = None
     trajectory: list[State] | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True)
-class Nudge:
-    """The outside driving force beta * dC/dy on the driven layer (BF-9).
-
-    ``beta`` is a float or a tensor of one value per example (random-sign EP).
-    """
-
-    beta: float | Tensor
-    target: Tensor
-    cost: Cost = SquaredError()
-
-    def force(self, y: Tensor) -> Tensor:
-        beta = self.beta[:, None] if isinstance(self.beta, Tensor) else self.beta
-        return beta * self.cost.grad(y, self.target)
-
-    def value(self, y: Tensor) -> Tensor:
-        beta = self.beta if isinstance(self.beta, Tensor) else torch.as_tensor(self.beta)
-        return beta * self.cost.value(y, self.target)
-
-
-def make_nudge(beta: float | Tensor, target: Tensor | None, cost: Cost | None) -> Nudge | None:
-    """A Nudge, or None when beta is zero (free phase)."""
-    if isinstance(beta, Tensor):
-        if not all_finite(beta):
-            raise ValueError("beta contains NaN or inf")
-        if not bool((beta != 0).any()):
-            return None
-    else:
-        if not math.isfinite(beta):
-            raise ValueError(f"beta must be finite, got {beta}")
-        if beta == 0:
-            return None
-    if target is None:
-        raise ValueError("a nudged phase (beta != 0) needs a target")
-    if not all_finite(target.float() if not target.is_floating_point() else target):
-        raise ValueError("target contains NaN or inf")
-    return Nudge(beta, target, cost or SquaredError())
-
-
-def _check_nudge_fits(network: Network, nudge: Nudge | None, state: Sequence[Tensor]) -> None:
-    """Raise ValueError when beta or the target does not fit the driven layer, instead of a broadcasting
-    error deep in the loop or, worse, a silent broadcast (a (batch, 1) target for a (batch, n) layer)."""
-    if nudge is None:
-        return
-    y = state[network.driven]
-    where = f"the driven layer {network.driven} of shape {tuple(y.shape)}"
-    if isinstance(nudge.beta, Tensor) and tuple(nudge.beta.shape) != (y.shape[0],):
-        raise ValueError(f"per-example beta has shape {tuple(nudge.beta.shape)}, expected ({y.shape[0]},) for {where}")
-    if nudge.target.dim() == y.dim() and nudge.target.shape != y.shape:
-        raise ValueError(f"target has shape {tuple(nudge.target.shape)}, which does not match {where}")
-    try:  # squared error's force beta (y - d) has a shape known without arithmetic (this runs every nudged phase)
-        if type(nudge.cost) is SquaredError:
-            shape = broadcast_shape(y.shape, nudge.target.shape)
-            if isinstance(nudge.beta, Tensor):
-                shape = broadcast_shape(shape, (nudge.beta.shape[0], 1))
-        else:
-            shape = nudge.force(y).shape
-    except RuntimeError as err:
-        raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}: {err}") from err
-    if shape != y.shape:
-        raise ValueError(f"target of shape {tuple(nudge.target.shape)} does not fit {where}")
-
-
-def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> torch.Size:
-    """``torch.broadcast_shapes(a, b)`` for two shapes, without its tensor machinery (~25 us a call on CPU: it
-    runs on every nudged phase); RuntimeError when they do not broadcast, as torch raises."""
-    size = max(len(a), len(b))
-    a, b = (1,) * (size - len(a)) + tuple(a), (1,) * (size - len(b)) + tuple(b)
-    if any(m != n and 1 not in (m, n) for m, n in zip(a, b)):
-        raise RuntimeError(f"shapes {list(a)} and {list(b)} do not broadcast")
-    return torch.Size(n if m == 1 else m for m, n in zip(a, b))
 
 
 def internal_force(
@@ -222,7 +150,7 @@ def relax(
     check_omega(omega, method)
     with torch.enable_grad() if differentiable else torch.no_grad():
         nudge = make_nudge(beta, target, cost)
-        _check_nudge_fits(network, nudge, state)
+        check_nudge_fits(network, nudge, state)
         sigma = noise_std if noise_std is not None else math.sqrt(2.0 * eps * temperature)
         nudge_factor = eps if nudge_scale == "eps" else 1.0
         moving = [layer for layer in network.free if layer not in set(fixed_layers)]
@@ -328,7 +256,7 @@ def residual(
     a bound of their rate with the force pointing outwards (there dF/ds itself is not zero).
     """
     nudge = make_nudge(beta, target, cost)
-    _check_nudge_fits(network, nudge, state)
+    check_nudge_fits(network, nudge, state)
     bounds = {layer: network.rhos[layer].bounds if project else None for layer in network.free}
     with torch.no_grad():
         return advance_residual(network, list(state), list(network.free), nudge, 1.0, 1.0, bounds, True)

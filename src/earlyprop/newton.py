@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from earlyprop.cost import Cost
-from earlyprop.dynamics import Diagnostics, DivergenceError, Nudge, _check_nudge_fits, make_nudge, residual
+from earlyprop.dynamics import Diagnostics, DivergenceError, residual
 from earlyprop.network import Network, State
+from earlyprop.nudge import Nudge, check_nudge_fits, make_nudge
 
 
 def polish(
@@ -30,7 +31,7 @@ def polish(
     """
     network.check_state(state)
     nudge = make_nudge(beta, target, cost)
-    _check_nudge_fits(network, nudge, state)
+    check_nudge_fits(network, nudge, state)
     free = list(network.free)
     s = [t.detach().clone() for t in state]
     it, res = 0, residual(network, s, beta, target, cost)

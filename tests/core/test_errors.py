@@ -248,7 +248,7 @@ def test_broadcast_shape_agrees_with_torch():
     """The nudge's shape check runs every nudged phase without torch.broadcast_shapes: same answers, same error."""
     import itertools
 
-    from earlyprop.dynamics import broadcast_shape
+    from earlyprop.nudge import broadcast_shape
 
     shapes = [s for rank in range(3) for s in itertools.product([0, 1, 2, 3], repeat=rank)]
     for a, b in itertools.product(shapes, shapes):

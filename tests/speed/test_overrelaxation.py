@@ -41,7 +41,7 @@ def test_every_block_update_lowers_the_energy(beta, omega):
     s = net.init_state(x)
     nudge = None
     if beta:
-        from earlyprop.dynamics import make_nudge
+        from earlyprop.nudge import make_nudge
 
         nudge = make_nudge(beta, d, None)
     before = free_energy(net, s, beta, d)
