@@ -370,23 +370,6 @@ def test_narrow_layers_are_unit_major_on_cpu():
         assert [t.stride() for t in state[1:]] == [(24, 1), (20, 1), (10, 1)]
 
 
-@pytest.mark.parametrize("sizes, rho, batch, compiled", [
-    ((784, 500, 10), "hard_sigmoid", 20, True), ((30, 24, 20, 10), "linear", 2, True),
-    ((784, 500, 10), Sigmoid(4.0, 0.5), 20, True), ((784, 500, 10), "tanh", 64, True),
-    ((784, 500, 10), "hard_sigmoid", 256, False),  # 1.3M multiply-adds a step: MKL's
-    ((784, 500, 500, 10), "hard_sigmoid", 20, False),  # 500 x 500 products: MKL's
-    ((784, 10), "hard_sigmoid", 20, False)])  # one free layer: no product in the loop
-def test_which_chains_run_compiled(sizes, rho, batch, compiled, monkeypatch):
-    if not native.available():
-        pytest.skip("numba is not installed: no chain runs compiled here (pip install numba)")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the threshold is per torch thread
-    net = Network.layered(sizes, rho, dtype=torch.float32, seed=0)
-    state = net.init_state(torch.zeros(batch, sizes[0]))
-    chain = Chain.of(net, state, net.static_fields(state))
-    assert (chain.native is not None) == compiled
-    assert Chain.of(net, state, net.static_fields(state), native=False).native is None
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 4e-16), (torch.float32, 2.5e-7)])
 def test_chain_tanh_rates_are_tanh_to_working_precision(dtype, tol):
     """On CPU the lean chain computes tanh(s) as 2 sigmoid(2 s) - 1 (torch's CPU tanh costs ~3 sigmoids): equal to

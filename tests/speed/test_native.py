@@ -143,3 +143,18 @@ def test_compiles_without_a_writable_cache(monkeypatch):
         return 2.0 * x
 
     assert native._jit(twice)(1.5) == 3.0
+
+
+@pytest.mark.parametrize("sizes, rho, batch, compiled", [
+    ((784, 500, 10), "hard_sigmoid", 20, True), ((30, 24, 20, 10), "linear", 2, True),
+    ((784, 500, 10), Sigmoid(4.0, 0.5), 20, True), ((784, 500, 10), "tanh", 64, True),
+    ((784, 500, 10), "hard_sigmoid", 256, False),  # 1.3M multiply-adds a step: MKL's
+    ((784, 500, 500, 10), "hard_sigmoid", 20, False),  # 500 x 500 products: MKL's
+    ((784, 10), "hard_sigmoid", 20, False)])  # one free layer: no product in the loop
+def test_which_chains_run_compiled(sizes, rho, batch, compiled, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the threshold is per torch thread
+    net = Network.layered(sizes, rho, dtype=torch.float32, seed=0)
+    state = net.init_state(torch.zeros(batch, sizes[0]))
+    chain = Chain.of(net, state, net.static_fields(state))
+    assert (chain.native is not None) == compiled
+    assert Chain.of(net, state, net.static_fields(state), native=False).native is None
