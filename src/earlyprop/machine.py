@@ -14,7 +14,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "device_name": cpu, "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "python": platform.python_version(),
                             "platform": platform.platform(), "cpu": cpu, "cpu_count": _cpu_count(),
-                            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                            "numba": _numba_version()}  # the compiled CPU kernels (earlyprop.native); None: absent
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = info["device_name"] = torch.cuda.get_device_name(device)
@@ -24,6 +25,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                     fp32_precision=getattr(torch.backends.cuda.matmul, "fp32_precision", None),
                     max_memory_allocated_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
     return info
+
+
+def _numba_version() -> str | None:
+    from earlyprop import native
+
+    return native.numba.__version__ if native.available() else None
 
 
 def _cpu_name() -> str:

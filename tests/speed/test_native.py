@@ -158,3 +158,16 @@ def test_which_chains_run_compiled(sizes, rho, batch, compiled, monkeypatch):
     chain = Chain.of(net, state, net.static_fields(state))
     assert (chain.native is not None) == compiled
     assert Chain.of(net, state, net.static_fields(state), native=False).native is None
+
+
+def test_the_bench_report_names_numba(monkeypatch):
+    from earlyprop.bench import format_table
+    from earlyprop.machine import machine_info
+
+    info = machine_info(torch.device("cpu"))
+    assert info["numba"] == native.numba.__version__
+    info.update(sgemm_shape="1x1x1", small_sgemm_gflops={})
+    header = format_table({"machine": info, "matmul_gflops": 1.0, "configs": {}}).splitlines()[0]
+    assert header.endswith(f"numba {native.numba.__version__}")
+    monkeypatch.setattr(native, "numba", None)
+    assert machine_info(torch.device("cpu"))["numba"] is None
