@@ -117,7 +117,7 @@ def _exp(x):
     """exp(x) in a form that vectorises (numba's math.exp is a scalar libm call, ~6x slower here); compiled by
     the overload below: x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that k ln2 is exact), e^r by its
     Taylor series (to r^13 in float64, r^7 in float32: truncation < 0.1 ulp), times 2^k built in the exponent
-    bits. Within 2 ulp of exp (tests/speed/test_native.py). x is clipped to the range of normal results, so
+    bits. Within 1 ulp of exp (tests/speed/test_native.py). x is clipped to the range of normal results, so
     e^x saturates at its ends (sigmoid's 1 / (1 + e^x) is then 0 or 1 to working precision all the same)."""
     return math.exp(x)
 
