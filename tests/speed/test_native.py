@@ -108,13 +108,18 @@ def test_a_nan_input_diverges_as_in_the_torch_loop():
             relax(net, state, steps=5, eps=0.5, static=static, validate=False)
 
 
-def test_the_switch_reaches_the_rules_and_the_config():
+def test_the_switch_reaches_the_rules_and_the_config(monkeypatch):
+    """Relaxation(native=...) decides which loop runs each phase (counted at the kernels), with the same gradient."""
     net = Network.layered((12, 9, 4), "hard_sigmoid", dtype=torch.float64, seed=0)
     x, d = data((12, 9, 4))
+    calls, kernel = [], native.euler_steps
+    monkeypatch.setattr(native, "euler_steps", lambda *args: calls.append(1) or kernel(*args))
     grads = []
     for flag in (True, False):
+        calls.clear()
         rule = EquilibriumProp(0.5, "centered", Relaxation(native=flag))
         rule.compute_grads(net, x, d)
+        assert (len(calls) > 0) == flag
         grads.append([p.grad.clone() for p in net.parameters()])
         net.zero_grad(set_to_none=True)
     for a, b in zip(*grads):
