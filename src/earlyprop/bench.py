@@ -18,11 +18,15 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from earlyprop.machine import machine_info
+
+if TYPE_CHECKING:
+    from earlyprop.network import Network
+    from earlyprop.rules import LearningRule
 
 # the large sgemm whose rate converts FLOP floors to ms: the input layer's product at a big batch on CPU,
 # on a GPU a square product large enough to reach the device's fp32 peak
@@ -225,7 +229,7 @@ def make_cnn(cfg: BenchConfig) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def torch_loops_rule(rule):
+def torch_loops_rule(rule: LearningRule) -> LearningRule:
     """``rule`` with its phases in the torch loops (``Relaxation.native`` off)."""
     import copy
 
@@ -234,7 +238,7 @@ def torch_loops_rule(rule):
     return twin
 
 
-def runs_compiled(net, x: torch.Tensor) -> bool:
+def runs_compiled(net: Network, x: torch.Tensor) -> bool:
     """Whether relax runs ``net``'s phases in the compiled kernels (earlyprop.native) for inputs like ``x``."""
     from earlyprop.chain import Chain
 
