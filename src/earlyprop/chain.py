@@ -8,7 +8,7 @@ each step is a handful of ops (issue 4; tests/speed/test_fast_paths.py compares 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -258,15 +258,12 @@ class Chain:
                 replay[key] = calls
             return calls
 
-        def advance(measure: bool, commit: bool = True, count: int = 1) -> float | None:
-            for _ in range(count - 1 if measure else count):
-                for call in drive_calls():
-                    call()
-                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
-            if not measure:
-                return None
+        def step(measure: bool, commit: bool = True) -> float | None:
             for call in drive_calls():
                 call()
+            if not measure:
+                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
+                return None
             new, plain = torch.lerp(self.flat, self.hflat, eps), list(self.plain)
             self.clamp(new, plan, layers)
             step = new - self.flat if commit else new.sub_(self.flat)
@@ -277,23 +274,24 @@ class Chain:
                 self.plain = plain
             return worst
 
-        return advance
+        return repeated(step)
 
     def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
         """``advance(measure, count=1)``: ``count`` sweeps of exact block minimisation (SC23), as ``block_sweep``
         computes them, over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity
         group)."""
+        # the curvature's host sync (per-example beta) happens here, once per phase
+        curvature = nudge_curvature(nudge, beta_scale, self.flat) if nudge is not None else None
+        if self.native is not None and (curvature is None or curvature[1]):
+            return self.native.block_stepper(nudge, beta_scale, omega, None if curvature is None else curvature[0])
+        self.prepare_torch_loops()
         n, plans = self.n, [self.clamp_plan(group) for group in groups]
-        if nudge is not None:  # the curvature's host sync (per-example beta) happens here, once per phase
-            curvature = nudge_curvature(nudge, beta_scale, self.flat)
+        if nudge is not None:
             a, convex = curvature
             a = a if isinstance(a, Tensor) else self.scalar(a)  # a 0-d tensor operand: no per-call wrapping
             beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
             pull = beta * beta_scale * nudge.target  # the products in the order nudged_minimiser takes them
             static_pulled = self.static[n] + pull
-        if self.native is not None and (nudge is None or convex):
-            return self.native.block_stepper(nudge, beta_scale, omega, a if nudge is not None else None)
-        self.prepare_torch_loops()
         relaxed = omega != 1.0
         target = self.h if relaxed else self.s  # where a block's minimiser goes
         runs = [self.group_run(group) for group in groups] if relaxed else None
@@ -326,11 +324,6 @@ class Chain:
         def keep_concave_rows() -> None:
             self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
 
-        def advance(measure: bool, count: int = 1) -> float | None:
-            for _ in range(count - 1):
-                sweep(False)
-            return sweep(measure)
-
         def sweep(measure: bool) -> float | None:
             if not replay and self.replayable(plans):  # then the rates are the state itself, sweep after sweep
                 replay.extend(call for i in range(len(groups)) for call in group_calls(i, self.s, replayed=True))
@@ -346,7 +339,7 @@ class Chain:
                 return None  # the change per sweep scales with omega: divide it out, so tol means one thing
             return float((self.flat - before).abs().max()) / omega if before.numel() else 0.0
 
-        return advance
+        return repeated(sweep)
 
     def group_run(self, group: list[int]) -> tuple[Tensor, Tensor]:
         """The slices of the state and field buffers that hold a parity group (contiguous: even layers first)."""
@@ -354,6 +347,17 @@ class Chain:
         if hi - lo != sum(self.span[k][1] - self.span[k][0] for k in group):
             raise AssertionError("a parity group is not contiguous in the flat layout")
         return self.flat[lo:hi], self.hflat[lo:hi]
+
+
+def repeated(step: Callable) -> Callable:
+    """``step(measure, **options)``, one step, as ``advance(measure, count=1, **options)``: ``count`` steps, the
+    last one measured (and given the options)."""
+    def advance(measure: bool, count: int = 1, **options) -> float | None:
+        for _ in range(count - 1):
+            step(False)
+        return step(measure, **options)
+
+    return advance
 
 
 def autocast_enabled(device_type: str) -> bool:

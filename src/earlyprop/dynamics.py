@@ -13,13 +13,13 @@ Noisy phase: T > 0. Newton polishing of fixed points lives in :func:`earlyprop.n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from earlyprop.chain import Chain
+from earlyprop.chain import Chain, repeated
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State, all_finite
 from earlyprop.nudge import Nudge, check_nudge_fits, make_nudge
@@ -202,7 +202,7 @@ def relax(
                     s[layer] = new.clamp(*lo_hi) if lo_hi is not None else new
                 return res
 
-        step_once, advance = advance, advance if chain is not None else _repeating(advance)
+        advance = advance if chain is not None else repeated(advance)  # the chain's take a count already
         energy = [_mean_free_energy(network, s, nudge)] if record_energy else None
         trajectory = [list(s) if differentiable else [t.clone() for t in s]] if record_trajectory else None
         residual, converged, step = math.inf, False, 0
@@ -226,23 +226,13 @@ def relax(
             residual = math.nan
         elif not converged:  # the residual at the returned state, which the loop has not measured
             if chain is not None:  # the Euler step's measure-only call, for the block solver too
-                euler = step_once if method == "euler" else chain.euler_stepper(eps, nudge, nudge_factor, project)
+                euler = advance if method == "euler" else chain.euler_stepper(eps, nudge, nudge_factor, project)
                 residual = euler(True, commit=False)
             else:
                 residual = advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor,
                                             static)
             converged = tol is not None and residual <= tol
         return s, Diagnostics(step, residual, converged, energy, trajectory)
-
-
-def _repeating(advance: Callable) -> Callable:
-    """``advance(measure)`` as ``advance(measure, count)``: count steps, the last one measured."""
-    def run(measure: bool, count: int = 1) -> float | None:
-        for _ in range(count - 1):
-            advance(False)
-        return advance(measure)
-
-    return run
 
 
 def residual(

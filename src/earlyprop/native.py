@@ -314,6 +314,9 @@ def block_sweeps(s, r, slope, rows, statics, pull, curvature, layout, params, we
     return worst / omega
 
 
+KINDS = {Linear: LINEAR, HardSigmoid: HARD, Sigmoid: SIGMOID, Tanh: TANH}
+
+
 def fits(rhos, sizes, weights, batch: int) -> bool:
     """Whether the kernels can run the chain x - h_1 - ... - h_n (rates ``rhos[1:]``, free-free couplings
     ``weights[1:]``) on a batch: numba installed, CPU float32/float64, two free layers or more, linear,
@@ -325,9 +328,6 @@ def fits(rhos, sizes, weights, batch: int) -> bool:
         return False
     step_macs = batch * sum(sizes[k] * sizes[k - 1] for k in range(2, n + 1))
     return step_macs <= MAX_STEP_MACS / torch.get_num_threads()
-
-
-KINDS = {Linear: LINEAR, HardSigmoid: HARD, Sigmoid: SIGMOID, Tanh: TANH}
 
 
 def _params(rho) -> tuple[float, float, float, float]:
@@ -355,20 +355,22 @@ class NativeChain:
     def scalar(self, value: float):
         return self.s.dtype.type(value)
 
-    def per_example(self, value, batch: int) -> np.ndarray:
+    def per_example(self, value) -> np.ndarray:
         """A (batch,) array of a scalar or a per-example (batch,) / (batch, 1) tensor, in the state's dtype."""
         if isinstance(value, torch.Tensor):
-            return value.detach().reshape(-1).to(self.dtype).expand(batch).contiguous().numpy()
-        return np.full(batch, value, dtype=self.s.dtype)
+            return value.detach().reshape(-1).to(self.dtype).expand(self.driven.shape[0]).contiguous().numpy()
+        return np.full(self.driven.shape[0], value, dtype=self.s.dtype)
+
+    def pull(self, nudge, scale: float) -> np.ndarray:
+        """scale beta d on the driven layer (per example for a per-example beta), flat, in the state's dtype."""
+        beta = nudge.beta[:, None] if isinstance(nudge.beta, torch.Tensor) else float(nudge.beta)
+        return (scale * beta * nudge.target).to(self.dtype).expand_as(self.driven).contiguous().reshape(-1).numpy()
 
     def euler_stepper(self, eps: float, nudge, nudge_factor: float, project: bool):
         """``advance(measure, commit=True, count=1)`` of :meth:`Chain.euler_stepper`, compiled."""
-        batch, none = self.driven.shape[0], np.zeros(1, dtype=self.s.dtype)
-        pull, kpull = none, none
-        if nudge is not None:
-            k = nudge_factor * (nudge.beta[:, None] if isinstance(nudge.beta, torch.Tensor) else nudge.beta) / eps
-            pull = (k * nudge.target).to(self.dtype).expand_as(self.driven).contiguous().reshape(-1).numpy()
-            kpull = self.per_example(k, batch)
+        pull = kpull = np.zeros(1, dtype=self.s.dtype)  # unread without a nudge
+        if nudge is not None:  # k = c beta / eps, the nudge k (d - s) of chain.Chain.euler_stepper
+            pull, kpull = self.pull(nudge, nudge_factor / eps), self.per_example(nudge_factor * nudge.beta / eps)
         eps_d = self.scalar(eps)
 
         def advance(measure: bool, commit: bool = True, count: int = 1) -> float | None:
@@ -381,12 +383,9 @@ class NativeChain:
 
     def block_stepper(self, nudge, beta_scale: float, omega: float, curvature):
         """``advance(measure, count=1)`` of :meth:`Chain.block_stepper` for a convex nudge, compiled."""
-        batch, none = self.driven.shape[0], np.zeros(1, dtype=self.s.dtype)
-        pull, a = none, none
+        pull = a = np.zeros(1, dtype=self.s.dtype)  # unread without a nudge
         if nudge is not None:
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, torch.Tensor) else float(nudge.beta)
-            pull = (beta * beta_scale * nudge.target).to(self.dtype).expand_as(self.driven).contiguous()
-            pull, a = pull.reshape(-1).numpy(), self.per_example(curvature, batch)
+            pull, a = self.pull(nudge, beta_scale), self.per_example(curvature)
         omega_d = self.scalar(omega)
 
         def advance(measure: bool, count: int = 1) -> float | None:
