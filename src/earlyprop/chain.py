@@ -27,6 +27,70 @@ from earlyprop.solvers import nudge_curvature, nudged_minimiser, on_concave_rows
 UNIT_MAJOR_WIDTH = 16
 
 
+class ChainLayout:
+    """What a :class:`Chain` of one network takes from the network alone, for one batch size, dtype and device:
+    the rates' flags, the flat buffer's layout and, where the compiled kernels run, their arrays.
+
+    Made once and kept in ``network.memo`` (:meth:`of`), so that a phase only allocates and fills its buffers:
+    building these took ~100 us of Python per phase on the development VM, as much as the 4 steps of a nudged
+    phase. The key holds what they depend on: the weights' identity and storage (an optimizer's in-place update
+    keeps both; replacing a parameter or moving the network changes them), the rates' identity and attributes,
+    the batch size, the kernels' switch and availability, torch's thread count (:func:`earlyprop.native.fits`) and
+    :data:`UNIT_MAJOR_WIDTH`.
+    """
+
+    MAX_KEPT = 8  # layouts per network (batch sizes x dtypes x devices x switches): the oldest goes first
+
+    def __init__(self, network: Network, weights: list[Tensor], batch: int, native: bool):
+        self.n = n = len(weights)
+        self.w: list = [None, *weights]  # w[k] couples layer k-1 (pre) and k (post), shape (n_k, n_{k-1})
+        self.rhos, self.sizes = rhos, sizes = network.rhos, network.sizes
+        self.dtype, self.device = weights[0].dtype, weights[0].device
+        self.bounds = [rho.bounds for rho in rhos]
+        self.plain = [type(rho) is Linear for rho in rhos]  # the phase's start: hard sigmoids join when clipped
+        self.hard = [_is_unit_hard_sigmoid(rho) for rho in rhos]
+        self.uniform = all(_same_rho(rhos[k], rhos[1]) for k in range(2, n + 1))
+        cpu = self.device.type == "cpu"
+        compiled = native and native_kernels.fits(rhos, sizes, weights, batch)  # they read layers row-major
+        self.unit_major = [False, *(cpu and not compiled and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
+        start, self.span = 0, {}
+        for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
+            self.span[k] = (start, start + batch * sizes[k])
+            start = self.span[k][1]
+        self.batch, self.length = batch, start
+        self.scalars: dict[float, Tensor] = {}  # 0-d constants on the device (Chain.scalar), never written
+        self.kernels = native_kernels.KernelLayout(self, batch) if compiled else None
+
+    def views(self, flat: Tensor) -> list:
+        """Per-layer (batch, n_k) views of a flat buffer of this layout: row-major, or unit-major for the narrow
+        layers (:data:`UNIT_MAJOR_WIDTH`); None for the input."""
+        batch = self.batch  # as_strided: one view op per layer instead of a slice and a view
+        return [None, *(flat.as_strided((batch, self.sizes[k]), (1, batch) if self.unit_major[k] else
+                                        (self.sizes[k], 1), flat.storage_offset() + self.span[k][0])
+                        for k in range(1, self.n + 1))]
+
+    @staticmethod
+    def of(network: Network, weights: list[Tensor], batch: int, native: bool) -> ChainLayout:
+        """The network's layout for a batch, from its memo, made on first use (or every time when a weight is not
+        contiguous: the kernels would read a copy of it, which an in-place update would leave behind)."""
+        try:
+            key = ("chain", batch, native, native_kernels.available(), UNIT_MAJOR_WIDTH, torch.get_num_threads(),
+                   *((id(w), w.data_ptr()) for w in weights),
+                   *((id(rho), *vars(rho).values()) for rho in network.rhos))
+            hash(key)
+        except TypeError:  # a rate with an unhashable attribute: no memo
+            key = None
+        memo = getattr(network, "memo", None)
+        if key is None or memo is None or not all(w.is_contiguous() for w in weights):
+            return ChainLayout(network, weights, batch, native)
+        layout = memo.get(key)
+        if layout is None:
+            while len(memo) >= ChainLayout.MAX_KEPT:
+                del memo[next(iter(memo))]
+            layout = memo[key] = ChainLayout(network, weights, batch, native)
+        return layout
+
+
 class Chain:
     """The plain layered chain x - h_1 - ... - h_L as bare tensors, for the lean loops of ``relax``.
 
@@ -45,32 +109,21 @@ class Chain:
     The free layers of the returned state are views of the flat buffer.
     """
 
-    def __init__(self, network: Network, weights: list[Tensor], state: Sequence[Tensor], static: Sequence,
-                 native: bool = True):
-        self.n = n = len(weights)
-        self.w: list = [None, *weights]  # w[k] couples layer k-1 (pre) and k (post), shape (n_k, n_{k-1})
-        self.rhos, self.sizes = rhos, sizes = network.rhos, network.sizes
-        self.bounds = [rho.bounds for rho in rhos]
-        self.plain = [type(rho) is Linear for rho in rhos]  # rho(s) = s and rho'(s) = 1 right now
-        self.hard = [_is_unit_hard_sigmoid(rho) for rho in rhos]
-        self.uniform = all(_same_rho(rhos[k], rhos[1]) for k in range(2, n + 1))
+    def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence):
+        self.layout = layout
+        self.n, self.w, self.rhos, self.sizes = n, _, _, _ = layout.n, layout.w, layout.rhos, layout.sizes
+        self.bounds, self.hard, self.uniform = layout.bounds, layout.hard, layout.uniform
+        self.unit_major, self.span, self._scalars = layout.unit_major, layout.span, layout.scalars
+        self.plain = list(layout.plain)  # rho(s) = s and rho'(s) = 1 right now: changes as layers are clipped
         # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
         self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
-        batch, start, self.span = state[0].shape[0], 0, {}
-        cpu = weights[0].device.type == "cpu"
-        compiled = native and native_kernels.fits(rhos, sizes, weights, batch)  # they read layers row-major
-        self.unit_major = [False, *(cpu and not compiled and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
-        for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:
-            self.span[k] = (start, start + batch * sizes[k])
-            start = self.span[k][1]
-        self.flat = torch.empty(start, dtype=weights[0].dtype, device=weights[0].device)
+        self.flat = torch.empty(layout.length, dtype=layout.dtype, device=layout.device)
         self.s = self.views(self.flat)
         self.hflat = self.h = self.wt = None  # the torch loops' field buffer and W^T views: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
-        self._scalars: dict[float, Tensor] = {}
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
-        self.native = native_kernels.NativeChain(self) if compiled else None
+        self.native = native_kernels.NativeChain(self, layout.kernels) if layout.kernels is not None else None
         x = state[0]  # clamped: never written, so the returned state holds the input itself, as given
         self.state = [x.detach() if x.requires_grad else x, *self.s[1:]]
 
@@ -94,24 +147,17 @@ class Chain:
            ) -> Chain | None:
         """The chain of ``network``, or None where the general loop must run; ``native``: let the compiled CPU
         kernels of :mod:`earlyprop.native` run its steps where they apply."""
-        n = len(network.sizes) - 1
-        if network.clamped != (0,) or network.driven != n or len(network.interactions) != n:
-            return None
         if autocast_enabled(state[0].device.type):  # its out= products need one dtype: mixed precision runs general
             return None
-        weights: list = [None] * n
-        for term in network.interactions:
-            if type(term) is not Dense or term.pre != term.post - 1:  # subclasses may change the field
-                return None
-            weights[term.pre] = term.weight
-        if any(w is None for w in weights):
+        weights = dense_chain(network)
+        if weights is None:
             return None
         dtype = weights[0].dtype  # mixed dtypes promote the state in the general loop: leave them to it
         if any(t.dtype != dtype for t in state[1:]) or any(w.dtype != dtype for w in weights) or (
                 nudge is not None and (nudge.target.dtype != dtype or
                                        (isinstance(nudge.beta, Tensor) and nudge.beta.dtype != dtype))):
             return None
-        return Chain(network, weights, state, static, native)
+        return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static)
 
     def scalar(self, value: float) -> Tensor:
         """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_calls)."""
@@ -120,12 +166,8 @@ class Chain:
         return self._scalars[value]
 
     def views(self, flat: Tensor) -> list:
-        """Per-layer (batch, n_k) views of a flat buffer laid out like the state's: row-major, or unit-major for
-        the narrow layers (:data:`UNIT_MAJOR_WIDTH`)."""
-        batch = self.static[1].shape[0]  # as_strided: one view op per layer instead of a slice and a view
-        return [None, *(flat.as_strided((batch, self.sizes[k]), (1, batch) if self.unit_major[k] else
-                                        (self.sizes[k], 1), flat.storage_offset() + self.span[k][0])
-                        for k in range(1, self.n + 1))]
+        """Per-layer (batch, n_k) views of a flat buffer laid out like the state's (:meth:`ChainLayout.views`)."""
+        return self.layout.views(flat)
 
     def rates(self) -> tuple[list, Tensor | list | None, float]:
         """rho(s_k) per layer, rho'(s_k) (flat, per layer, or None when every layer is plain), and the factor
@@ -347,6 +389,20 @@ class Chain:
         if hi - lo != sum(self.span[k][1] - self.span[k][0] for k in group):
             raise AssertionError("a parity group is not contiguous in the flat layout")
         return self.flat[lo:hi], self.hflat[lo:hi]
+
+
+def dense_chain(network: Network) -> list[Tensor] | None:
+    """W_1 .. W_n of a plain layered chain x - h_1 - ... - h_n (layer 0 the only clamped one, the last one driven,
+    one ``Dense`` term per consecutive pair and nothing else), or None for any other network."""
+    n = len(network.sizes) - 1
+    if network.clamped != (0,) or network.driven != n or len(network.interactions) != n:
+        return None
+    weights: list = [None] * n
+    for term in network.interactions:
+        if type(term) is not Dense or term.pre != term.post - 1:  # subclasses may change the field
+            return None
+        weights[term.pre] = term.weight
+    return None if any(w is None for w in weights) else weights
 
 
 def repeated(step: Callable) -> Callable:

@@ -66,6 +66,7 @@ class Network(nn.Module):
         )
         # ParameterList's own indexing costs ~5 us (it runs on every phase): read its registry by key instead
         self._bias_of = {layer: str(k) for k, layer in enumerate(self.free)}
+        self.memo = Memo()  # structures derived from the parameters, for the fast paths (earlyprop.chain)
 
     @classmethod
     def layered(
@@ -277,6 +278,18 @@ class Network(nn.Module):
     def extra_repr(self) -> str:
         rhos = ",".join(r.name for r in self.rhos)
         return f"sizes={list(self.sizes)}, rhos=[{rhos}], clamped={self.clamped}, driven={self.driven}"
+
+
+class Memo(dict):
+    """A network's memo of structures derived from its layout and parameters (the lean chain's layouts, keyed
+    by what they depend on, the parameters' identity and storage included). A copy or a pickle of the network
+    starts with an empty one: the entries hold views of the original's parameters."""
+
+    def __deepcopy__(self, memo: dict) -> Memo:
+        return Memo()
+
+    def __reduce__(self) -> tuple:
+        return Memo, ()
 
 
 def all_finite(t: Tensor) -> bool:

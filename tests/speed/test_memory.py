@@ -96,4 +96,5 @@ def test_training_step_memory_does_not_grow_with_the_steps(net_and_batch):
         rule = EquilibriumProp(0.5, "centered", Relaxation(free_steps=steps, nudge_steps=steps))
         return peak_bytes(lambda: rule.compute_grads(net, x, d))
 
+    run(1)  # the network's memo of the chain's layout (a fixed cost, made on the first call) is then in place
     assert run(300) <= run(10) * 1.05

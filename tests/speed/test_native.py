@@ -15,6 +15,7 @@ import torch
 from test_fast_paths import data  # tests/speed is on sys.path (rootdir-relative import)
 
 import earlyprop.native as native
+import earlyprop.native_step as native_step
 from earlyprop import DivergenceError
 from earlyprop.chain import Chain
 from earlyprop.cli import build_parser
@@ -112,8 +113,9 @@ def test_the_switch_reaches_the_rules_and_the_config(monkeypatch):
     """Relaxation(native=...) decides which loop runs each phase (counted at the kernels), with the same gradient."""
     net = Network.layered((12, 9, 4), "hard_sigmoid", dtype=torch.float64, seed=0)
     x, d = data((12, 9, 4))
-    calls, kernel = [], native.euler_steps
+    calls, kernel, step = [], native.euler_steps, native_step.ep_step  # EP's step runs in one compiled call
     monkeypatch.setattr(native, "euler_steps", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(native_step, "ep_step", lambda *args: calls.append(1) or step(*args))
     grads = []
     for flag in (True, False):
         calls.clear()

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from earlyprop import native_step
 from earlyprop.chain import autocast_enabled
 from earlyprop.cost import Cost
 from earlyprop.interactions import Coupling, Dense, Lateral
@@ -97,6 +98,14 @@ class EquilibriumProp(_Contrastive):
     """The EP gradient estimator (EP17 Thm 1; LA21 symmetric; SC23 P/N/C-EP)."""
 
     name = "ep"
+
+    def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
+                      generator: torch.Generator | None = None) -> StepResult:
+        if type(self) is EquilibriumProp:  # a subclass may change a phase or the estimate: the general path
+            compiled = native_step.compiled_step(self, network, x, target, state, generator)
+            if compiled is not None:
+                return compiled
+        return super().compute_grads(network, x, target, state, generator)
 
     def _phase(self, network: Network, free: State, nu, target: Tensor, static: list | None = None) -> State:
         if _is_zero(nu):

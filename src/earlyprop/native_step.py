@@ -1,0 +1,234 @@
+"""Equilibrium propagation's whole training step on a layered chain in one compiled call (CPU, numba).
+
+``EquilibriumProp.compute_grads`` on a plain layered chain whose phases run in the kernels of
+:mod:`earlyprop.native` is, per batch: the input drive (one MKL product), the free phase, the two phases
+nu_1 < nu_2 from the free state, the EP estimate (EP17 eq. 24 in ``ep_difference``'s fused form), the prediction
+and the cost at the free state, and the input weights' gradient (a second MKL product). Through ``relax`` each of
+those is a Python function around torch ops, ~1.2 ms of the ~2.2 ms of config A on the development VM
+(BENCHMARKS.md); here everything between the two products is one call of :func:`ep_step`, which runs the same
+kernels (:func:`earlyprop.native.euler_steps`, :func:`earlyprop.native.block_sweeps`) on the same buffers.
+Same equations, hence the same phases; the estimate and the cost are summed in another order (round-off only:
+tests/speed/test_compiled_step.py compares gradients, predictions, costs and training curves with the general
+path in float64).
+
+It applies when the general path would run the kernels anyway (``Relaxation.native``, :func:`earlyprop.native.fits`)
+and nothing asks for more than the step computes: ``EquilibriumProp`` itself with a ``Relaxation`` and the
+squared-error cost, no ``tol`` (a free phase of fixed length), a target shaped like the output layer, no autocast,
+and, for the block solver, a convex nudge (1 + beta' > 0). Otherwise :func:`compiled_step` returns None and the
+general path runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from earlyprop import native
+from earlyprop.chain import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.cost import SquaredError
+from earlyprop.native import SIZE, START, _fields, _fill_rates, _jit, block_sweeps, euler_steps
+
+EULER, ASYNC = 0, 1
+
+
+@_jit
+def _finite(s) -> bool:
+    for i in range(s.shape[0]):
+        if not math.isfinite(s[i]):
+            return False
+    return True
+
+
+@_jit
+def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, weights, solver, rate, factor, steps,
+                  project):
+    """A nudged phase from the free state, in a new buffer: beta' = factor beta per example (Euler: the nudge
+    k (d - s) with k = beta', pull k d; block solver: the minimiser (h + beta' d) / (1 + beta'))."""
+    n, batch = layout.shape[1] - 1, statics[0].shape[0]
+    m = layout[SIZE, n]
+    s = free.copy()
+    scaled, pull = np.empty(batch, free.dtype), np.empty(batch * m, free.dtype)
+    for b in range(batch):
+        scaled[b] = factor * beta[b]
+        for j in range(m):
+            pull[b * m + j] = scaled[b] * target[b * m + j]
+    if solver == EULER:
+        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, False, True,
+                    project, True)
+    else:
+        for b in range(batch):
+            scaled[b] += 1.0
+        block_sweeps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, False, True)
+    return s
+
+
+@_jit
+def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
+    """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
+    batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
+    n, batch = layout.shape[1] - 1, coef.shape[0]
+    r2, d = np.empty_like(r), np.empty_like(r)
+    _fill_rates(first, r, slope, layout, params, batch, -1)
+    _fill_rates(second, r2, slope, layout, params, batch, -1)
+    for k in range(1, n + 1):
+        start, m, g = layout[START, k], layout[SIZE, k], bias_grads[k - 1]
+        for j in range(m):
+            g[j] = 0.0
+        for e in range(batch):
+            c, at = coef[e], start + e * m
+            for j in range(m):
+                v = c * (r2[at + j] - r[at + j])
+                d[at + j] = v
+                g[j] += v
+    start, m = layout[START, 1], layout[SIZE, 1]
+    for i in range(batch * m):
+        input_scaled[i] = d[start + i]
+    for k in range(2, n + 1):
+        m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
+        top, below = layout[START, k], layout[START, k - 1]
+        for j in range(m):
+            row = g[j]
+            for i in range(width):
+                row[i] = 0.0
+        for e in range(batch):
+            at = below + e * width
+            lower_d, lower_r = d[at:at + width], r2[at:at + width]
+            for j in range(m):
+                a, c, row = d[top + e * m + j], r[top + e * m + j], g[j]
+                for i in range(width):
+                    row[i] += a * lower_r[i] + c * lower_d[i]
+
+
+@_jit
+def _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost):
+    """The class prediction at the free state (argmax of the output; among tied units the largest field wins,
+    as ``Cost.predict``) and the squared-error cost 1/2 ||y - d||^2 per example."""
+    n, batch = layout.shape[1] - 1, statics[0].shape[0]
+    m, start = layout[SIZE, n], layout[START, n]
+    _fill_rates(free, r, slope, layout, params, batch, -1)
+    for b0 in range(0, batch, 4):
+        block = min(4, batch - b0)
+        _fields(r, statics, b0, block, n, layout, weights, rows)
+        for b in range(b0, b0 + block):
+            y, h, d = free[start + b * m:start + (b + 1) * m], rows[b - b0], target[b * m:(b + 1) * m]
+            top, best, choice, total = y[0], h[0], 0, 0.0
+            for j in range(m):
+                total += 0.5 * (y[j] - d[j]) * (y[j] - d[j])
+                if y[j] > top or (y[j] == top and h[j] > best):
+                    top, best, choice = y[j], h[j], j
+            prediction[b], cost[b] = choice, total
+
+
+@_jit
+def ep_step(free, statics, target, betas, nudged, layout, params, weights, solver, rate, factor, free_steps,
+            nudge_steps, project, coef, input_scaled, bias_grads, weight_grads, prediction, cost) -> int:
+    """The step between the two products: the free phase in ``free`` (in place), the phases nu_1, nu_2 (``betas``
+    per example; where ``nudged[p]`` is 0 the phase is the free state itself), the estimate, the prediction and
+    the cost. Returns 0, or 1 + the phase (0 free, 1 and 2 nudged) whose final state is not finite."""
+    r, slope, rows = np.empty_like(free), np.empty_like(free), np.empty((4, layout[SIZE, 1:].max()), free.dtype)
+    none = np.zeros(1, free.dtype)
+    if solver == EULER:
+        euler_steps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, free_steps, False, True,
+                    project, False)
+    else:
+        block_sweeps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, free_steps, False,
+                     False)
+    if not _finite(free):
+        return 1
+    ends = [free, free]
+    for p in range(2):
+        if nudged[p]:
+            ends[p] = _nudged_phase(free, r, slope, rows, statics, target, betas[p], layout, params, weights, solver,
+                                    rate, factor, nudge_steps, project)
+            if not _finite(ends[p]):
+                return 2 + p
+    _estimate(ends[0], ends[1], r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads)
+    _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost)
+    return 0
+
+
+def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None):
+    """``rule.compute_grads(network, x, target, state, generator)`` through :func:`ep_step`, or None where it does not
+    apply (see the module's docstring); the caller then runs the general path."""
+    from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # rules import this module
+
+    relax = rule.relaxation
+    if (native.numba is None or type(relax) is not Relaxation or not relax.native or relax.tol is not None
+            or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
+            or relax.nudge_scale not in ("eps", "none") or not _plain_count(relax.free_steps)
+            or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
+            or not 0 < relax.eps < math.inf or autocast_enabled(x.device.type)):
+        return None
+    weights = dense_chain(network)
+    if weights is None:
+        return None
+    start = network.init_state(x) if state is None else state
+    if state is not None:
+        network.check_state(state)
+    batch, n, dtype = start[0].shape[0], len(weights), weights[0].dtype
+    if (any(t.dtype != dtype for t in start[1:]) or target.dtype != dtype or
+            tuple(target.shape) != (batch, network.sizes[-1])):
+        return None
+    layout = ChainLayout.of(network, weights, batch, True)
+    if layout.kernels is None:
+        return None
+    nus = rule.nudges(batch, generator, dtype, network.device)
+    solver = EULER if relax.method == "euler" else ASYNC
+    # beta' = factor beta (BF-9, THEORY A1): the Euler nudge's k = c beta / eps, the block minimiser's a = 1 + beta'
+    factor = 1.0 if relax.nudge_scale == "eps" else 1.0 / relax.eps
+    if solver == ASYNC and not all(bool((1.0 + factor * nu > 0).all()) if isinstance(nu, Tensor) else
+                                   1.0 + factor * nu > 0 for nu in nus):
+        return None  # a concave nudge: the general path's bound-picking minimiser
+    np_dtype = layout.kernels.params.dtype
+    betas = np.empty((2, batch), dtype=np_dtype)
+    for p, nu in enumerate(nus):
+        betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
+    nudged = np.array([isinstance(nu, Tensor) or nu != 0.0 for nu in nus])
+    spread = nus[1] - nus[0]
+    coef = np.empty(batch, dtype=np_dtype)
+    coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
+    with torch.no_grad():
+        static = network.static_fields(start)  # bias + input drive: the first MKL product
+        free = torch.empty(layout.length, dtype=dtype)
+        views = layout.views(free)
+        for k in range(1, n + 1):
+            views[k].copy_(start[k])
+        sizes = network.sizes
+        input_scaled = torch.empty(batch, sizes[1], dtype=dtype)
+        bias_grads = [torch.empty(sizes[k], dtype=dtype) for k in range(1, n + 1)]
+        weight_grads = [torch.empty(sizes[k], sizes[k - 1], dtype=dtype) for k in range(2, n + 1)]
+        prediction, cost = torch.empty(batch, dtype=torch.int64), torch.empty(batch, dtype=dtype)
+        status = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
+                         target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
+                         layout.kernels.params, layout.kernels.weights, solver,
+                         relax.eps if solver == EULER else relax.omega, factor, relax.free_steps, relax.nudge_steps,
+                         relax.project, coef, input_scaled.numpy().reshape(-1), tuple(g.numpy() for g in bias_grads),
+                         tuple(g.numpy() for g in weight_grads), prediction.numpy(), cost.numpy())
+        if status:
+            _diverged(status, relax, nus)
+        x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
+        grads = {id(weights[0]): torch.mm(input_scaled.T, network.rhos[0].rho(x))}  # the second MKL product
+    grads.update((id(w), g) for w, g in zip(weights[1:], weight_grads))
+    grads.update((id(network.bias(k)), g) for k, g in zip(range(1, n + 1), bias_grads))
+    params = list(network.parameters())
+    accumulate_grads(params, [grads[id(p)] for p in params], owned=True)
+    return StepResult([x, *views[1:]], cost, prediction, relax.free_steps)
+
+
+def _plain_count(steps) -> bool:
+    return isinstance(steps, int) and steps >= 0
+
+
+def _diverged(status: int, relax, nus) -> None:
+    from earlyprop.dynamics import DivergenceError
+
+    phase = "free" if status == 1 else "nudged"
+    steps = relax.free_steps if status == 1 else relax.nudge_steps
+    beta = nus[status - 2] if status > 1 else 0.0
+    beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
+    raise DivergenceError(
+        f"relaxation diverged: non-finite state by step {steps} of the {phase} phase (eps={relax.eps:g}, "
+        f"beta={beta_text}); reduce eps (stable when eps < 2/lambda_max(H)) or beta")

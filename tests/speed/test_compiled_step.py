@@ -1,0 +1,155 @@
+"""EP's training step in one compiled call (earlyprop.native_step) changes speed, never results (issue 4).
+
+Each case runs ``EquilibriumProp.compute_grads`` twice on the same plain chain: through the compiled step
+(counted, so a silent fallback fails the test) and through the general path of ``relax`` (the compiled step
+switched off), and compares the gradients, the free state, the prediction and the cost in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import earlyprop.native as native
+import earlyprop.native_step as native_step
+from earlyprop.dynamics import DivergenceError
+from earlyprop.network import Network
+from earlyprop.nonlinearity import Sigmoid
+from earlyprop.rules import EquilibriumProp, Relaxation
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled kernels here "
+                                "(pip install numba); the general path is tested everywhere else")
+TOL = 1e-12
+SMALL, DEEP = (12, 9, 4), (12, 9, 7, 5, 4)
+
+
+def data(sizes, batch=6, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, sizes[0], generator=gen, dtype=dtype)
+    d = torch.nn.functional.one_hot(torch.randint(0, sizes[-1], (batch,), generator=gen), sizes[-1]).to(dtype)
+    return x, d
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The number of compiled steps run so far (a list that grows by one per call of native_step.ep_step)."""
+    calls, kernel = [], native_step.ep_step
+    monkeypatch.setattr(native_step, "ep_step", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+def both(rule, net, x, d, state=None, seed=3, monkeypatch=None):
+    """(compiled, general): each a (StepResult, gradients) of one compute_grads from zero gradients."""
+    out = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(native_step, "compiled_step", lambda *args: None)
+        net.zero_grad(set_to_none=True)
+        result = rule.compute_grads(net, x, d, state, generator=torch.Generator().manual_seed(seed))
+        out.append((result, [p.grad.clone() for p in net.parameters()]))
+    return out
+
+
+def assert_close(a, b, tol=TOL):
+    for u, v in zip(a, b):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        assert float((u - v).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("sizes", [SMALL, DEEP])
+@pytest.mark.parametrize("variant", ["positive", "negative", "centered", "random_sign"])
+@pytest.mark.parametrize("rho,settings", [
+    ("hard_sigmoid", dict(method="euler")),
+    ("hard_sigmoid", dict(method="euler", project=False)),
+    ("hard_sigmoid", dict(method="async")),
+    ("hard_sigmoid", dict(method="async", omega=1.5)),
+    (Sigmoid(4.0, 0.5), dict(method="euler", eps=0.2, project=False, nudge_scale="none")),  # ER19 (config C)
+    ("tanh", dict(method="euler", project=False)),
+])
+def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, counted, monkeypatch):
+    net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
+    x, d = data(sizes)
+    rule = EquilibriumProp(0.5, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    assert len(counted) == 1
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state, slow.free_state)
+    assert_close([fast.cost], [slow.cost])
+    assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps == 15
+    assert fast.free_state[0] is x  # the input itself, as the general path returns it
+
+
+def test_from_a_given_state_and_into_existing_grads(counted, monkeypatch):
+    """Persistent particles: the free phase starts at a given state; gradients add to what .grad holds."""
+    net = Network.layered(DEEP, "hard_sigmoid", dtype=torch.float64, bias_std=0.2, gain=1.5, seed=2)
+    x, d = data(DEEP)
+    start = net.init_state(x)
+    for k in range(1, len(DEEP)):
+        start[k] = torch.rand(x.shape[0], DEEP[k], dtype=torch.float64)
+    rule = EquilibriumProp(0.5, "centered", Relaxation(free_steps=4, nudge_steps=3))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, state=start, monkeypatch=monkeypatch)
+    assert len(counted) == 1
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state, slow.free_state)
+    net.zero_grad(set_to_none=True)
+    monkeypatch.undo()
+    rule.compute_grads(net, x, d, start)
+    rule.compute_grads(net, x, d, start)
+    assert_close([p.grad for p in net.parameters()], [2 * g for g in fast_grads])
+
+
+def test_float32_agrees_to_its_round_off(counted, monkeypatch):
+    net = Network.layered((64, 30, 10), "hard_sigmoid", dtype=torch.float32, seed=0)
+    x, d = data((64, 30, 10), batch=16, dtype=torch.float32)
+    rule = EquilibriumProp(0.5, "positive", Relaxation(free_steps=20, nudge_steps=4))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    assert len(counted) == 1
+    assert_close(fast_grads, slow_grads, tol=2e-6)
+    assert torch.equal(fast.prediction, slow.prediction)
+
+
+def test_ties_at_the_bound_are_broken_by_the_field(counted, monkeypatch):
+    """A strongly driven output saturates: several units at exactly 1 (and rows all at 0), where the prediction is
+    the tied unit with the largest field, as Cost.predict decides."""
+    net = Network.layered((12, 9, 4), "hard_sigmoid", dtype=torch.float64, seed=5)
+    with torch.no_grad():  # units 0 and 1 saturate at 1 for every example; unit 1's field is the larger
+        net.bias(2).copy_(torch.tensor([5.0, 5.5, -5.0, -5.0]))
+    x, d = data((12, 9, 4), batch=12)
+    rule = EquilibriumProp(0.5, "positive", Relaxation(free_steps=30, nudge_steps=2))
+    (fast, _), (slow, _) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    output = fast.free_state[-1]
+    assert bool((output[:, :2] == 1.0).all())  # ties at the bound
+    assert torch.equal(fast.prediction, slow.prediction)
+    assert not torch.equal(fast.prediction, output.argmax(-1))  # and the field, not the first index, decides
+
+
+@pytest.mark.parametrize("case", ["tol", "subclass", "concave nudge", "native off", "cost", "broadcast target"])
+def test_what_it_leaves_to_the_general_path(case, counted):
+    net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, seed=0)
+    x, d = data(SMALL)
+    relaxation = dict(tol=1e-3) if case == "tol" else dict(native=False) if case == "native off" else dict()
+    beta = -2.0 if case == "concave nudge" else 0.5  # the nudged phase's 1 + beta' = -1 < 0
+    kind = type("MyEP", (EquilibriumProp,), {}) if case == "subclass" else EquilibriumProp
+    rule = kind(beta, "positive", Relaxation(method="async" if case == "concave nudge" else "euler", **relaxation))
+    if case == "cost":
+        from earlyprop.cost import CrossEntropyReadout
+
+        rule = EquilibriumProp(0.5, "positive", cost=CrossEntropyReadout(SMALL[-1], SMALL[-1]).double())
+        d = d.argmax(-1)
+    if case == "broadcast target":
+        d = d[:1]
+    try:
+        rule.compute_grads(net, x, d)
+    except ValueError:
+        pass  # the general path's own verdict on a target it cannot use
+    assert counted == []
+
+
+def test_a_diverging_step_raises(counted):
+    net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, seed=0)
+    with torch.no_grad():
+        net.interactions[1].weight[0, 0] = float("nan")
+    x, d = data(SMALL)
+    with pytest.raises(DivergenceError, match="free phase"):
+        EquilibriumProp(0.5, "positive", Relaxation()).compute_grads(net, x, d)
+    assert len(counted) == 1
