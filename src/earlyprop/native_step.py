@@ -152,37 +152,22 @@ def ep_step(free, statics, target, betas, nudged, layout, params, weights, solve
 
 def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None):
     """``rule.compute_grads(network, x, target, state, generator)`` through :func:`ep_step`, or None where it does not
-    apply (see the module's docstring); the caller then runs the general path."""
-    from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # rules import this module
+    apply (see the module's docstring; decided before anything is drawn from ``generator`` or validated twice); the
+    caller then runs the general path."""
+    from earlyprop.rules.base import StepResult, accumulate_grads  # rules import this module
 
-    relax = rule.relaxation
-    if (native.numba is None or type(relax) is not Relaxation or not relax.native or relax.tol is not None
-            or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
-            or relax.nudge_scale not in ("eps", "none") or not _plain_count(relax.free_steps)
-            or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
-            or not 0 < relax.eps < math.inf or autocast_enabled(x.device.type)):
+    batch = (x if state is None else state[0]).shape[0]
+    plan = _plan(rule, network, batch, target)
+    if plan is None:
         return None
-    weights = dense_chain(network)
-    if weights is None:
-        return None
+    weights, layout = plan
+    relax, n, dtype, np_dtype = rule.relaxation, len(weights), weights[0].dtype, layout.kernels.params.dtype
     start = network.init_state(x) if state is None else state
     if state is not None:
         network.check_state(state)
-    batch, n, dtype = start[0].shape[0], len(weights), weights[0].dtype
-    if (any(t.dtype != dtype for t in start[1:]) or target.dtype != dtype or
-            tuple(target.shape) != (batch, network.sizes[-1])):
-        return None
-    layout = ChainLayout.of(network, weights, batch, True)
-    if layout.kernels is None:
+    if any(t.dtype != dtype for t in start):
         return None
     nus = rule.nudges(batch, generator, dtype, network.device)
-    solver = EULER if relax.method == "euler" else ASYNC
-    # beta' = factor beta (BF-9, THEORY A1): the Euler nudge's k = c beta / eps, the block minimiser's a = 1 + beta'
-    factor = 1.0 if relax.nudge_scale == "eps" else 1.0 / relax.eps
-    if solver == ASYNC and not all(bool((1.0 + factor * nu > 0).all()) if isinstance(nu, Tensor) else
-                                   1.0 + factor * nu > 0 for nu in nus):
-        return None  # a concave nudge: the general path's bound-picking minimiser
-    np_dtype = layout.kernels.params.dtype
     betas = np.empty((2, batch), dtype=np_dtype)
     for p, nu in enumerate(nus):
         betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
@@ -201,12 +186,14 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         bias_grads = [torch.empty(sizes[k], dtype=dtype) for k in range(1, n + 1)]
         weight_grads = [torch.empty(sizes[k], sizes[k - 1], dtype=dtype) for k in range(2, n + 1)]
         prediction, cost = torch.empty(batch, dtype=torch.int64), torch.empty(batch, dtype=dtype)
+        euler = relax.method == "euler"
         status = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
                          target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
-                         layout.kernels.params, layout.kernels.weights, solver,
-                         relax.eps if solver == EULER else relax.omega, factor, relax.free_steps, relax.nudge_steps,
-                         relax.project, coef, input_scaled.numpy().reshape(-1), tuple(g.numpy() for g in bias_grads),
-                         tuple(g.numpy() for g in weight_grads), prediction.numpy(), cost.numpy())
+                         layout.kernels.params, layout.kernels.weights, EULER if euler else ASYNC,
+                         relax.eps if euler else relax.omega, _nudge_factor(relax), relax.free_steps,
+                         relax.nudge_steps, relax.project, coef, input_scaled.numpy().reshape(-1),
+                         tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
+                         prediction.numpy(), cost.numpy())
         if status:
             _diverged(status, relax, nus)
         x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
@@ -216,6 +203,35 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     params = list(network.parameters())
     accumulate_grads(params, [grads[id(p)] for p in params], owned=True)
     return StepResult([x, *views[1:]], cost, prediction, relax.free_steps)
+
+
+def _plan(rule, network, batch: int, target: Tensor):
+    """(W_1..W_n, the chain's layout) when the compiled step applies to this rule, network and target, else None.
+    Cheap checks only: no device read, nothing drawn."""
+    from earlyprop.rules.base import Relaxation
+
+    relax = rule.relaxation
+    if (native.numba is None or type(relax) is not Relaxation or not relax.native or relax.tol is not None
+            or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
+            or relax.nudge_scale not in ("eps", "none") or not _plain_count(relax.free_steps)
+            or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
+            or not 0 < relax.eps < math.inf or autocast_enabled(target.device.type)):
+        return None
+    if relax.method == "async":  # a concave nudge (1 + beta' <= 0) takes the general path's bound-picking minimiser
+        b = rule.beta
+        betas = {"positive": (b,), "negative": (-b,)}.get(rule.variant, (b, -b))
+        if any(1.0 + _nudge_factor(relax) * beta <= 0 for beta in betas):
+            return None
+    weights = dense_chain(network)
+    if weights is None or target.dtype != weights[0].dtype or tuple(target.shape) != (batch, network.sizes[-1]):
+        return None
+    layout = ChainLayout.of(network, weights, batch, True)
+    return None if layout.kernels is None else (weights, layout)
+
+
+def _nudge_factor(relax) -> float:
+    """beta' / beta (BF-9, THEORY A1): the Euler nudge's k = c beta / eps and the block minimiser's a = 1 + beta'."""
+    return 1.0 if relax.nudge_scale == "eps" else 1.0 / relax.eps
 
 
 def _plain_count(steps) -> bool:

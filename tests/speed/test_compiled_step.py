@@ -153,3 +153,19 @@ def test_a_diverging_step_raises(counted):
     with pytest.raises(DivergenceError, match="free phase"):
         EquilibriumProp(0.5, "positive", Relaxation()).compute_grads(net, x, d)
     assert len(counted) == 1
+
+
+def test_a_fallback_draws_the_random_signs_once(counted):
+    """Random-sign EP with the block solver and beta' = 1.5: a phase with sign -1 is concave, which the compiled step
+    leaves to the general path; it decides so before drawing the signs, so the general path draws the same ones as
+    with the kernels switched off."""
+    net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, seed=0)
+    x, d = data(SMALL)
+    grads = []
+    for flag in (True, False):
+        net.zero_grad(set_to_none=True)
+        rule = EquilibriumProp(1.5, "random_sign", Relaxation(method="async", native=flag))
+        rule.compute_grads(net, x, d, generator=torch.Generator().manual_seed(7))
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert counted == []
+    assert_close(*grads)
