@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from earlyprop import native
-from earlyprop.chain import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
 from earlyprop.native import SIZE, START, _fields, _fill_rates, _jit, block_sweeps, euler_steps
 

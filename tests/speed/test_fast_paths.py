@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import earlyprop.chain as chain_module
+import earlyprop.chain_layout as chain_layout
 import earlyprop.native as native
 from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
@@ -80,7 +80,7 @@ def layout(request, monkeypatch):
         return request.param
     monkeypatch.setattr(native, "numba", None)  # as on a machine without numba
     width = {"narrow-unit-major": 6, "all-row-major": 0, "all-unit-major": 10**6}[request.param]
-    monkeypatch.setattr(chain_module, "UNIT_MAJOR_WIDTH", width)
+    monkeypatch.setattr(chain_layout, "UNIT_MAJOR_WIDTH", width)
     return request.param
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from earlyprop import native_step
-from earlyprop.chain import autocast_enabled
+from earlyprop.chain_layout import autocast_enabled
 from earlyprop.cost import Cost
 from earlyprop.interactions import Coupling, Dense, Lateral
 from earlyprop.network import Network, State
