@@ -162,10 +162,12 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         return None
     weights, layout = plan
     relax, n, dtype, np_dtype = rule.relaxation, len(weights), weights[0].dtype, layout.kernels.params.dtype
-    start = network.init_state(x) if state is None else state
-    if state is not None:
+    if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer is zeroed below
+        start = [*network.clamped_inputs(x), *[None] * n]
+    else:
         network.check_state(state)
-    if any(t.dtype != dtype for t in start):
+        start = state
+    if any(t is not None and t.dtype != dtype for t in start):
         return None
     nus = rule.nudges(batch, generator, dtype, network.device)
     betas = np.empty((2, batch), dtype=np_dtype)
@@ -177,10 +179,11 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
     with torch.no_grad():
         static = network.static_fields(start)  # bias + input drive: the first MKL product
-        free = torch.empty(layout.length, dtype=dtype)
+        free = torch.zeros(layout.length, dtype=dtype) if state is None else torch.empty(layout.length, dtype=dtype)
         views = layout.views(free)
-        for k in range(1, n + 1):
-            views[k].copy_(start[k])
+        if state is not None:
+            for k in range(1, n + 1):
+                views[k].copy_(state[k])
         sizes = network.sizes
         input_scaled = torch.empty(batch, sizes[1], dtype=dtype)
         bias_grads = [torch.empty(sizes[k], dtype=dtype) for k in range(1, n + 1)]
@@ -223,7 +226,8 @@ def _plan(rule, network, batch: int, target: Tensor):
         if any(1.0 + _nudge_factor(relax) * beta <= 0 for beta in betas):
             return None
     weights = dense_chain(network)
-    if weights is None or target.dtype != weights[0].dtype or tuple(target.shape) != (batch, network.sizes[-1]):
+    if (weights is None or weights[0].device.type != "cpu" or target.dtype != weights[0].dtype
+            or tuple(target.shape) != (batch, network.sizes[-1])):
         return None
     layout = ChainLayout.of(network, weights, batch, True)
     return None if layout.kernels is None else (weights, layout)

@@ -126,21 +126,25 @@ class Network(nn.Module):
 
     def init_state(self, x: Tensor | Sequence[Tensor]) -> State:
         """The resting state s = 0 with the input(s) clamped; ``x`` is one tensor per clamped layer."""
+        xs = self.clamped_inputs(x)
+        state: State = [None] * len(self.sizes)  # type: ignore[list-item]
+        for layer, xi in zip(self.clamped, xs):
+            state[layer] = xi
+        for layer in self.free:
+            state[layer] = torch.zeros(xs[0].shape[0], self.sizes[layer], dtype=self.dtype, device=self.device)
+        return state
+
+    def clamped_inputs(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        """The input(s) of :meth:`init_state`, checked (count, shapes, batch sizes, finite values) and in the
+        network's dtype, one per clamped layer."""
         xs = [x] if isinstance(x, Tensor) else list(x)
         if len(xs) != len(self.clamped):
             raise ValueError(f"expected {len(self.clamped)} clamped input tensor(s), got {len(xs)}")
-        batch = None
         for layer, xi in zip(self.clamped, xs):
             self._check_layer_tensor(xi, layer, "input")
-            batch = xi.shape[0] if batch is None else batch
-            if xi.shape[0] != batch:
+            if xi.shape[0] != xs[0].shape[0]:
                 raise ValueError("all clamped inputs must have the same batch size")
-        state: State = [None] * len(self.sizes)  # type: ignore[list-item]
-        for layer, xi in zip(self.clamped, xs):
-            state[layer] = xi.to(self.dtype)
-        for layer in self.free:
-            state[layer] = torch.zeros(batch, self.sizes[layer], dtype=self.dtype, device=self.device)
-        return state
+        return [xi.to(self.dtype) for xi in xs]
 
     def check_state(self, state: Sequence[Tensor], values: bool = True) -> None:
         """Raise ValueError on a state of the wrong length, shape or (``values``) with non-finite values."""
