@@ -379,7 +379,8 @@ class KernelLayout:
         self.layout = np.array([[0, *(chain.span[k][0] for k in range(1, n + 1))], sizes,
                                 [KINDS[type(rho)] if k else LINEAR for k, rho in enumerate(rhos)]], dtype=np.int64)
         self.params = np.array([_params(rho) for rho in rhos], dtype=np_dtype).T.copy()
-        self.weights = tuple(w.detach().numpy() for w in chain.w[2:])  # contiguous: ChainLayout.of
+        # views where contiguous (ChainLayout.of memoizes only then), so an in-place update reaches the kernels
+        self.weights = tuple(w.detach().contiguous().numpy() for w in chain.w[2:])
         self.rows_shape = (4, max(sizes[1:]))
 
 

@@ -68,6 +68,10 @@ class Network(nn.Module):
         self._bias_of = {layer: str(k) for k, layer in enumerate(self.free)}
         self.memo = Memo()  # structures derived from the parameters, for the fast paths (earlyprop.chain)
 
+    def _apply(self, fn, *args, **kwargs):  # to(), cuda(), double(), ...: new parameter tensors
+        self.memo.clear()  # (the old ones would stay alive in the memo's layouts)
+        return super()._apply(fn, *args, **kwargs)
+
     @classmethod
     def layered(
         cls,
