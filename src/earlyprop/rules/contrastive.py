@@ -201,20 +201,42 @@ class STDP(_Contrastive):
         return [-(x - y) for x, y in zip(a2, a1)]
 
     def accumulate(self, network: Network, trajectory: list[State] | None, weights: Tensor) -> list[Tensor]:
-        """A(nu) = sum over the nudged steps of the pairwise products, aligned with network.parameters()."""
+        """A(nu) = sum over the nudged steps of the pairwise products, aligned with network.parameters().
+
+        Where a step's product is a difference (the tied form's, the biases') or is linear in the change with its
+        other factor fixed (a clamped partner's rate), the sum over the steps telescopes: it is computed once, from
+        the phase's first and last states (the same sum up to round-off; tests/rules/test_stdp_sum.py). Only the
+        couplings between two free layers in the plain and Xie-Seung forms are summed step by step.
+        """
         params = list(network.parameters())
         if trajectory is None:
             return [torch.zeros_like(p) for p in params]
         rank = _closeness(network)
-        total = {id(p): torch.zeros_like(p) for p in params}
-        for before, after in zip(trajectory[:-1], trajectory[1:]):
-            r0, r1 = network.rates(before), network.rates(after)
-            change = self._post_change(network, before, after, r0, r1, weights)
-            for term in network.interactions:
-                total[id(term.weight)] += self._term_update(term, r0, r1, change, rank, weights)
-            for layer in network.free:
-                total[id(network.bias(layer))] += change[layer].mean(0)
+        rates = [network.rates(state) for state in trajectory]  # once per state: step t's "after" is t+1's "before"
+        whole = self._post_change(network, trajectory[0], trajectory[-1], rates[0], rates[-1], weights)
+        total = {id(network.bias(layer)): whole[layer].mean(0) for layer in network.free}
+        stepwise = []
+        for term in network.interactions:
+            if self._telescopes(term, network, rank):
+                total[id(term.weight)] = self._term_update(term, rates[0], rates[-1], whole, rank, weights)
+            else:
+                stepwise.append(term)
+                total[id(term.weight)] = torch.zeros_like(term.weight)
+        for t in range(len(trajectory) - 1 if stepwise else 0):
+            change = self._post_change(network, trajectory[t], trajectory[t + 1], rates[t], rates[t + 1], weights)
+            for term in stepwise:
+                total[id(term.weight)] += self._term_update(term, rates[t], rates[t + 1], change, rank, weights)
         return [total[id(p)] for p in params]
+
+    def _telescopes(self, term, network: Network, rank: dict[int, int]) -> bool:
+        """Whether the term's per-step products sum to one product of the phase's ends: the tied form's always
+        (a difference of one function of the state), the others' where the pre-synaptic layer is clamped."""
+        if self.form == "tied":
+            return True
+        if not isinstance(term, Coupling):  # a lateral term's both sides move
+            return False
+        pre = term.pre if rank[term.post] <= rank[term.pre] else term.post
+        return pre in network.clamped
 
     def _post_change(self, network, before, after, r0, r1, weights) -> list[Tensor | None]:
         """Per-example weighted change of each free layer: ds (plain) or d rho (Xie-Seung, tied)."""
