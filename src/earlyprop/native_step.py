@@ -8,8 +8,8 @@ those is a Python function around torch ops, ~1.2 ms of the ~2.2 ms of config A 
 (BENCHMARKS.md); here everything between the two products is one call of :func:`ep_step`, which runs the same
 kernels (:func:`earlyprop.native.euler_steps`, :func:`earlyprop.native.block_sweeps`) on the same buffers.
 Same equations, hence the same phases; the estimate and the cost are summed in another order (round-off only:
-tests/speed/test_compiled_step.py compares gradients, predictions, costs and training curves with the general
-path in float64).
+tests/speed/test_compiled_step.py compares gradients, free states, predictions and costs with the general path in
+float64, tests/speed/test_fast_paths.py twenty-step training curves).
 
 It applies when the general path would run the kernels anyway (``Relaxation.native``, :func:`earlyprop.native.fits`)
 and nothing asks for more than the step computes: ``EquilibriumProp`` itself with a ``Relaxation`` and the
@@ -29,7 +29,9 @@ from torch import Tensor
 from earlyprop import native
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
+from earlyprop.dynamics import DivergenceError
 from earlyprop.native import SIZE, START, _fields, _fill_rates, _jit, block_sweeps, euler_steps
+from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
 
 EULER, ASYNC = 0, 1
 
@@ -154,8 +156,6 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     """``rule.compute_grads(network, x, target, state, generator)`` through :func:`ep_step`, or None where it does not
     apply (see the module's docstring; decided before anything is drawn from ``generator`` or validated twice); the
     caller then runs the general path."""
-    from earlyprop.rules.base import StepResult, accumulate_grads  # rules import this module
-
     batch = (x if state is None else state[0]).shape[0]
     plan = _plan(rule, network, batch, target)
     if plan is None:
@@ -170,13 +170,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     if any(t is not None and t.dtype != dtype for t in start):
         return None
     nus = rule.nudges(batch, generator, dtype, network.device)
-    betas = np.empty((2, batch), dtype=np_dtype)
-    for p, nu in enumerate(nus):
-        betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
-    nudged = np.array([isinstance(nu, Tensor) or nu != 0.0 for nu in nus])
-    spread = nus[1] - nus[0]
-    coef = np.empty(batch, dtype=np_dtype)
-    coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
+    betas, nudged, coef = _phase_arrays(nus, batch, np_dtype)
     with torch.no_grad():
         static = network.static_fields(start)  # bias + input drive: the first MKL product
         free = torch.zeros(layout.length, dtype=dtype) if state is None else torch.empty(layout.length, dtype=dtype)
@@ -208,11 +202,23 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     return StepResult([x, *views[1:]], cost, prediction, relax.free_steps)
 
 
+def _phase_arrays(nus, batch: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's view of (nu_1, nu_2), floats or per-example tensors: the betas per example, (2, batch); which
+    phases are nudged (a zero phase is the free state itself); and the estimate's -w / B per example,
+    w = 1 / (nu_2 - nu_1)."""
+    betas = np.empty((2, batch), dtype=dtype)
+    for p, nu in enumerate(nus):
+        betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
+    nudged = np.array([isinstance(nu, Tensor) or nu != 0.0 for nu in nus])
+    spread = nus[1] - nus[0]
+    coef = np.empty(batch, dtype=dtype)
+    coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
+    return betas, nudged, coef
+
+
 def _plan(rule, network, batch: int, target: Tensor):
     """(W_1..W_n, the chain's layout) when the compiled step applies to this rule, network and target, else None.
     Cheap checks only: no device read, nothing drawn."""
-    from earlyprop.rules.base import Relaxation
-
     relax = rule.relaxation
     if (native.numba is None or type(relax) is not Relaxation or not relax.native or relax.tol is not None
             or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
@@ -243,8 +249,6 @@ def _plain_count(steps) -> bool:
 
 
 def _diverged(status: int, relax, nus) -> None:
-    from earlyprop.dynamics import DivergenceError
-
     phase = "free" if status == 1 else "nudged"
     steps = relax.free_steps if status == 1 else relax.nudge_steps
     beta = nus[status - 2] if status > 1 else 0.0
