@@ -13,9 +13,9 @@ float64, tests/speed/test_fast_paths.py twenty-step training curves).
 
 It applies when the general path would run the kernels anyway (``Relaxation.native``, :func:`earlyprop.native.fits`)
 and nothing asks for more than the step computes: ``EquilibriumProp`` itself with a ``Relaxation`` and the
-squared-error cost, no ``tol`` (a free phase of fixed length), a target shaped like the output layer, no autocast,
-and, for the block solver, a convex nudge (1 + beta' > 0). Otherwise :func:`compiled_step` returns None and the
-general path runs.
+squared-error cost, a target shaped like the output layer, no autocast, and, for the block solver, a convex nudge
+(1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does (checked every ``check_every`` steps, the steps
+taken reported). Otherwise :func:`compiled_step` returns None and the general path runs.
 """
 
 from __future__ import annotations
@@ -125,31 +125,51 @@ def _predict(free, r, slope, rows, statics, target, layout, params, weights, pre
 
 
 @_jit
+def _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, rate, steps, project, tol, check_every):
+    """The free phase in place, in stretches up to each check as ``relax`` runs it: every ``check_every`` steps and
+    at the last one the state must be finite, and with ``tol`` >= 0 the phase stops once the residual (the last
+    step's max|ds| / eps, or a sweep's max change / omega) is <= tol. Returns the steps taken, negated when the
+    state stopped being finite."""
+    none, step = np.zeros(1, free.dtype), 0
+    while step < steps:
+        count = min(check_every - step % check_every, steps - step)
+        step += count
+        measure = tol >= 0 and (step % check_every == 0 or step == steps)
+        if solver == EULER:
+            residual = euler_steps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, count,
+                                   measure, True, project, False)
+        else:
+            residual = block_sweeps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, count,
+                                    measure, False)
+        if not _finite(free):
+            return -step
+        if measure and residual <= tol:
+            break
+    return step
+
+
+@_jit
 def ep_step(free, statics, target, betas, nudged, layout, params, weights, solver, rate, factor, free_steps,
-            nudge_steps, project, coef, input_scaled, bias_grads, weight_grads, prediction, cost) -> int:
-    """The step between the two products: the free phase in ``free`` (in place), the phases nu_1, nu_2 (``betas``
-    per example; where ``nudged[p]`` is 0 the phase is the free state itself), the estimate, the prediction and
-    the cost. Returns 0, or 1 + the phase (0 free, 1 and 2 nudged) whose final state is not finite."""
+            nudge_steps, project, tol, check_every, coef, input_scaled, bias_grads, weight_grads, prediction, cost):
+    """The step between the two products: the free phase in ``free`` (in place; ``tol`` < 0: no early stop), the
+    phases nu_1, nu_2 (``betas`` per example; where ``nudged[p]`` is 0 the phase is the free state itself), the
+    estimate, the prediction and the cost. Returns (0, free steps taken), or (1 + the phase: 0 free, 1 and 2 nudged,
+    the step) where the state stopped being finite."""
     r, slope, rows = np.empty_like(free), np.empty_like(free), np.empty((4, layout[SIZE, 1:].max()), free.dtype)
-    none = np.zeros(1, free.dtype)
-    if solver == EULER:
-        euler_steps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, free_steps, False, True,
-                    project, False)
-    else:
-        block_sweeps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, free_steps, False,
-                     False)
-    if not _finite(free):
-        return 1
+    taken = _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, rate, free_steps, project, tol,
+                        check_every)
+    if taken < 0:
+        return 1, -taken
     ends = [free, free]
     for p in range(2):
         if nudged[p]:
             ends[p] = _nudged_phase(free, r, slope, rows, statics, target, betas[p], layout, params, weights, solver,
                                     rate, factor, nudge_steps, project)
             if not _finite(ends[p]):
-                return 2 + p
+                return 2 + p, nudge_steps
     _estimate(ends[0], ends[1], r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads)
     _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost)
-    return 0
+    return 0, taken
 
 
 def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None):
@@ -184,22 +204,23 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         weight_grads = [torch.empty(sizes[k], sizes[k - 1], dtype=dtype) for k in range(2, n + 1)]
         prediction, cost = torch.empty(batch, dtype=torch.int64), torch.empty(batch, dtype=dtype)
         euler = relax.method == "euler"
-        status = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
-                         target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
-                         layout.kernels.params, layout.kernels.weights, EULER if euler else ASYNC,
-                         relax.eps if euler else relax.omega, _nudge_factor(relax), relax.free_steps,
-                         relax.nudge_steps, relax.project, coef, input_scaled.numpy().reshape(-1),
-                         tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
-                         prediction.numpy(), cost.numpy())
+        status, steps = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
+                                target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
+                                layout.kernels.params, layout.kernels.weights, EULER if euler else ASYNC,
+                                relax.eps if euler else relax.omega, _nudge_factor(relax), relax.free_steps,
+                                relax.nudge_steps, relax.project, -1.0 if relax.tol is None else float(relax.tol),
+                                relax.check_every, coef, input_scaled.numpy().reshape(-1),
+                                tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
+                                prediction.numpy(), cost.numpy())
         if status:
-            _diverged(status, relax, nus)
+            _diverged(status, steps, relax, nus)
         x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
         grads = {id(weights[0]): torch.mm(input_scaled.T, network.rhos[0].rho(x))}  # the second MKL product
     grads.update((id(w), g) for w, g in zip(weights[1:], weight_grads))
     grads.update((id(network.bias(k)), g) for k, g in zip(range(1, n + 1), bias_grads))
     params = list(network.parameters())
     accumulate_grads(params, [grads[id(p)] for p in params], owned=True)
-    return StepResult([x, *views[1:]], cost, prediction, relax.free_steps)
+    return StepResult([x, *views[1:]], cost, prediction, steps)
 
 
 def _phase_arrays(nus, batch: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,7 +241,9 @@ def _plan(rule, network, batch: int, target: Tensor):
     """(W_1..W_n, the chain's layout) when the compiled step applies to this rule, network and target, else None.
     Cheap checks only: no device read, nothing drawn."""
     relax = rule.relaxation
-    if (native.numba is None or type(relax) is not Relaxation or not relax.native or relax.tol is not None
+    if (native.numba is None or type(relax) is not Relaxation or not relax.native
+            or not (relax.tol is None or isinstance(relax.tol, int | float) and 0 <= relax.tol < math.inf)
+            or not isinstance(relax.check_every, int) or relax.check_every < 1
             or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
             or relax.nudge_scale not in ("eps", "none") or not _plain_count(relax.free_steps)
             or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
@@ -248,9 +271,8 @@ def _plain_count(steps) -> bool:
     return isinstance(steps, int) and steps >= 0
 
 
-def _diverged(status: int, relax, nus) -> None:
+def _diverged(status: int, steps: int, relax, nus) -> None:
     phase = "free" if status == 1 else "nudged"
-    steps = relax.free_steps if status == 1 else relax.nudge_steps
     beta = nus[status - 2] if status > 1 else 0.0
     beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
     raise DivergenceError(

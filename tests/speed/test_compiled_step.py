@@ -65,6 +65,8 @@ def assert_close(a, b, tol=TOL):
     ("hard_sigmoid", dict(method="async", omega=1.5)),
     (Sigmoid(4.0, 0.5), dict(method="euler", eps=0.2, project=False, nudge_scale="none")),  # ER19 (config C)
     ("tanh", dict(method="euler", project=False)),
+    ("hard_sigmoid", dict(method="euler", tol=0.5, check_every=4)),  # stops early: steps taken as relax's
+    ("hard_sigmoid", dict(method="async", tol=0.1, check_every=3)),
 ])
 def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, counted, monkeypatch):
     net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
@@ -75,7 +77,8 @@ def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, co
     assert_close(fast_grads, slow_grads)
     assert_close(fast.free_state, slow.free_state)
     assert_close([fast.cost], [slow.cost])
-    assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps == 15
+    assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps
+    assert fast.free_steps == 15 if "tol" not in settings else fast.free_steps < 15
     assert fast.free_state[0] is x  # the input itself, as the general path returns it
 
 
@@ -123,11 +126,11 @@ def test_ties_at_the_bound_are_broken_by_the_field(counted, monkeypatch):
     assert not torch.equal(fast.prediction, output.argmax(-1))  # and the field, not the first index, decides
 
 
-@pytest.mark.parametrize("case", ["tol", "subclass", "concave nudge", "native off", "cost", "broadcast target"])
+@pytest.mark.parametrize("case", ["subclass", "concave nudge", "native off", "cost", "broadcast target"])
 def test_what_it_leaves_to_the_general_path(case, counted):
     net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, seed=0)
     x, d = data(SMALL)
-    relaxation = dict(tol=1e-3) if case == "tol" else dict(native=False) if case == "native off" else dict()
+    relaxation = dict(native=False) if case == "native off" else dict()
     beta = -2.0 if case == "concave nudge" else 0.5  # the nudged phase's 1 + beta' = -1 < 0
     kind = type("MyEP", (EquilibriumProp,), {}) if case == "subclass" else EquilibriumProp
     rule = kind(beta, "positive", Relaxation(method="async" if case == "concave nudge" else "euler", **relaxation))
