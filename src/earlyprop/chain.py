@@ -14,8 +14,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from earlyprop import native as native_kernels
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.native_chain import NativeChain
 from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import Sigmoid, Tanh
 from earlyprop.solvers import nudge_curvature, nudged_minimiser, on_concave_rows
@@ -53,7 +53,7 @@ class Chain:
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
-        self.native = native_kernels.NativeChain(self, layout.kernels) if layout.kernels is not None else None
+        self.native = NativeChain(self, layout.kernels) if layout.kernels is not None else None
         x = state[0]  # clamped: never written, so the returned state holds the input itself, as given
         self.state = [x.detach() if x.requires_grad else x, *self.s[1:]]
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from earlyprop import native as native_kernels
 from earlyprop.interactions import Dense
+from earlyprop.native_chain import KernelLayout
 from earlyprop.network import Network
 from earlyprop.nonlinearity import HardSigmoid, Linear
 
@@ -51,7 +52,7 @@ class ChainLayout:
             start = self.span[k][1]
         self.batch, self.length = batch, start
         self.scalars: dict[float, Tensor] = {}  # 0-d constants on the device (Chain.scalar), never written
-        self.kernels = native_kernels.KernelLayout(self, batch) if compiled else None
+        self.kernels = KernelLayout(self, batch) if compiled else None
 
     def views(self, flat: Tensor) -> list:
         """Per-layer (batch, n_k) views of a flat buffer of this layout: row-major, or unit-major for the narrow
