@@ -89,11 +89,12 @@ def test_relaxation_memory_does_not_grow_with_the_steps(net_and_batch, method, l
     assert recorded >= 250 * (state_bytes - 16 * SIZES[0] * 8)  # one copy of the free layers per step
 
 
-def test_training_step_memory_does_not_grow_with_the_steps(net_and_batch):
+@pytest.mark.parametrize("native", [True, False])  # the compiled step (its numba buffers are not seen here) and
+def test_training_step_memory_does_not_grow_with_the_steps(net_and_batch, native):  # the torch loops, all seen
     net, x, d = net_and_batch
 
     def run(steps):
-        rule = EquilibriumProp(0.5, "centered", Relaxation(free_steps=steps, nudge_steps=steps))
+        rule = EquilibriumProp(0.5, "centered", Relaxation(free_steps=steps, nudge_steps=steps, native=native))
         return peak_bytes(lambda: rule.compute_grads(net, x, d))
 
     run(1)  # the network's memo of the chain's layout (a fixed cost, made on the first call) is then in place
