@@ -41,7 +41,8 @@ class Chain:
 
     def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence):
         self.layout = layout
-        self.n, self.w, self.rhos, self.sizes = n, _, _, _ = layout.n, layout.w, layout.rhos, layout.sizes
+        self.n, self.w, self.rhos, self.sizes = layout.n, layout.w, layout.rhos, layout.sizes
+        n = self.n
         self.bounds, self.hard, self.uniform = layout.bounds, layout.hard, layout.uniform
         self.unit_major, self.span, self._scalars = layout.unit_major, layout.span, layout.scalars
         self.plain = list(layout.plain)  # rho(s) = s and rho'(s) = 1 right now: changes as layers are clipped
@@ -90,7 +91,7 @@ class Chain:
         return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static)
 
     def scalar(self, value: float) -> Tensor:
-        """A 0-d tensor for ``value``, made once per chain (see _smooth_rate_calls)."""
+        """A 0-d tensor for ``value``, made once per layout and never written (see _smooth_rate_calls)."""
         if value not in self._scalars:  # a fill on the device: torch.tensor(value, device=cuda) would copy and sync
             self._scalars[value] = torch.full((), value, dtype=self.flat.dtype, device=self.flat.device)
         return self._scalars[value]
