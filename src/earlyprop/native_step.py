@@ -30,10 +30,12 @@ from earlyprop import native
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
 from earlyprop.dynamics import DivergenceError
-from earlyprop.native import SIZE, START, _fields, _fill_rates, _jit, block_sweeps, euler_steps
+from earlyprop.native import SIZE, START, _copy, _fields, _fill_rates, _jit, block_sweeps, euler_steps
 from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
 
 EULER, ASYNC = 0, 1
+EP, PLAIN, XIE_SEUNG, TIED = 0, 1, 2, 3  # the estimate: EP's, or the STDP rule's form (BF-17)
+FORMS = {"ep": EP, "plain": PLAIN, "xie_seung": XIE_SEUNG, "tied": TIED}
 
 
 @_jit
@@ -45,18 +47,24 @@ def _finite(s) -> bool:
 
 
 @_jit
+def _nudge(beta, target, factor, batch, m, dtype):
+    """(beta'_b per example, beta'_b d flat) for beta' = factor beta."""
+    scaled, pull = np.empty(batch, dtype), np.empty(batch * m, dtype)
+    for b in range(batch):
+        scaled[b] = factor * beta[b]
+        for j in range(m):
+            pull[b * m + j] = scaled[b] * target[b * m + j]
+    return scaled, pull
+
+
+@_jit
 def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, weights, solver, rate, factor, steps,
                   project):
     """A nudged phase from the free state, in a new buffer: beta' = factor beta per example (Euler: the nudge
     k (d - s) with k = beta', pull k d; block solver: the minimiser (h + beta' d) / (1 + beta'))."""
     n, batch = layout.shape[1] - 1, statics[0].shape[0]
-    m = layout[SIZE, n]
     s = free.copy()
-    scaled, pull = np.empty(batch, free.dtype), np.empty(batch * m, free.dtype)
-    for b in range(batch):
-        scaled[b] = factor * beta[b]
-        for j in range(m):
-            pull[b * m + j] = scaled[b] * target[b * m + j]
+    scaled, pull = _nudge(beta, target, factor, batch, layout[SIZE, n], free.dtype)
     if solver == EULER:
         euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, False, True,
                     project, True)
@@ -68,13 +76,40 @@ def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, w
 
 
 @_jit
-def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
-    """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
-    batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
+def _stdp_phase(free, r, slope, rows, statics, target, beta, layout, params, weights, eps, factor, steps, project,
+                form, coef, weight_grads):
+    """A nudged Euler phase from the free state (a new buffer) that adds every step's products of the free-free
+    couplings, coef_b (ds_k, or d rho(s_k) for Xie-Seung) rho(s_{k-1}) with s_{k-1} before the step (BF-17: the
+    post-synaptic unit is the one closer to the output), into ``weight_grads[k - 2]``, k = 2..n."""
+    n, batch = layout.shape[1] - 1, statics[0].shape[0]
+    s = free.copy()
+    before, rates_before, rates_after = np.empty_like(free), np.empty_like(free), np.empty_like(free)
+    scaled, pull = _nudge(beta, target, factor, batch, layout[SIZE, n], free.dtype)
+    _fill_rates(s, rates_before, slope, layout, params, batch, -1)
+    for _ in range(steps):
+        _copy(s, before)
+        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, eps, 1, False, True, project,
+                    True)
+        _fill_rates(s, rates_after, slope, layout, params, batch, -1)
+        old, new = (before, s) if form == PLAIN else (rates_before, rates_after)
+        for k in range(2, n + 1):
+            m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
+            top, below = layout[START, k], layout[START, k - 1]
+            for e in range(batch):
+                pre = rates_before[below + e * width:below + (e + 1) * width]
+                for j in range(m):
+                    a, row = coef[e] * (new[top + e * m + j] - old[top + e * m + j]), g[j]
+                    for i in range(width):
+                        row[i] += a * pre[i]
+        _copy(rates_after, rates_before)
+    return s
+
+
+@_jit
+def _differences(a, b, layout, coef, d, input_scaled, bias_grads):
+    """d_k = coef (b - a) per free layer (flat, laid out like the state), its batch sum into ``bias_grads[k - 1]``,
+    and d_1 into ``input_scaled`` (the input coupling's factor, for its MKL product with rho(x))."""
     n, batch = layout.shape[1] - 1, coef.shape[0]
-    r2, d = np.empty_like(r), np.empty_like(r)
-    _fill_rates(first, r, slope, layout, params, batch, -1)
-    _fill_rates(second, r2, slope, layout, params, batch, -1)
     for k in range(1, n + 1):
         start, m, g = layout[START, k], layout[SIZE, k], bias_grads[k - 1]
         for j in range(m):
@@ -82,12 +117,23 @@ def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_
         for e in range(batch):
             c, at = coef[e], start + e * m
             for j in range(m):
-                v = c * (r2[at + j] - r[at + j])
+                v = c * (b[at + j] - a[at + j])
                 d[at + j] = v
                 g[j] += v
     start, m = layout[START, 1], layout[SIZE, 1]
     for i in range(batch * m):
         input_scaled[i] = d[start + i]
+
+
+@_jit
+def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
+    """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
+    batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
+    n, batch = layout.shape[1] - 1, coef.shape[0]
+    r2, d = np.empty_like(r), np.empty_like(r)
+    _fill_rates(first, r, slope, layout, params, batch, -1)
+    _fill_rates(second, r2, slope, layout, params, batch, -1)
+    _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
     for k in range(2, n + 1):
         m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
         top, below = layout[START, k], layout[START, k - 1]
@@ -102,6 +148,21 @@ def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_
                 a, c, row = d[top + e * m + j], r[top + e * m + j], g[j]
                 for i in range(width):
                     row[i] += a * lower_r[i] + c * lower_d[i]
+
+
+@_jit
+def _stdp_ends(first, second, r, slope, layout, params, coef, form, input_scaled, bias_grads):
+    """The STDP sums that telescope (``STDP.accumulate``): the biases' and the input coupling's, from the phases'
+    last states (both phases start at the free state): coef (s2 - s1), or coef (rho(s2) - rho(s1)) for Xie-Seung."""
+    batch = coef.shape[0]
+    d = np.empty_like(r)
+    if form == PLAIN:
+        _differences(first, second, layout, coef, d, input_scaled, bias_grads)
+    else:
+        r2 = np.empty_like(r)
+        _fill_rates(first, r, slope, layout, params, batch, -1)
+        _fill_rates(second, r2, slope, layout, params, batch, -1)
+        _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
 
 
 @_jit
@@ -149,35 +210,50 @@ def _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, 
 
 
 @_jit
-def ep_step(free, statics, target, betas, nudged, layout, params, weights, solver, rate, factor, free_steps,
-            nudge_steps, project, tol, check_every, coef, input_scaled, bias_grads, weight_grads, prediction, cost):
+def ep_step(free, statics, target, betas, nudged, layout, params, weights, form, solver, eps, omega, factor,
+            free_steps, nudge_steps, project, tol, check_every, coef, input_scaled, bias_grads, weight_grads,
+            prediction, cost):
     """The step between the two products: the free phase in ``free`` (in place; ``tol`` < 0: no early stop), the
     phases nu_1, nu_2 (``betas`` per example; where ``nudged[p]`` is 0 the phase is the free state itself), the
-    estimate, the prediction and the cost. Returns (0, free steps taken), or (1 + the phase: 0 free, 1 and 2 nudged,
-    the step) where the state stopped being finite."""
+    estimate (``form``: EP's, or the STDP rule's, whose nudged phases are Euler steps), the prediction and the
+    cost. Returns (0, free steps taken), or (1 + the phase: 0 free, 1 and 2 nudged, the step) where the state
+    stopped being finite."""
+    n = layout.shape[1] - 1
     r, slope, rows = np.empty_like(free), np.empty_like(free), np.empty((4, layout[SIZE, 1:].max()), free.dtype)
-    taken = _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, rate, free_steps, project, tol,
-                        check_every)
+    taken = _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, eps if solver == EULER else
+                        omega, free_steps, project, tol, check_every)
     if taken < 0:
         return 1, -taken
+    stepwise = form == PLAIN or form == XIE_SEUNG
+    if stepwise:
+        for k in range(2, n + 1):
+            weight_grads[k - 2][:] = 0.0
     ends = [free, free]
     for p in range(2):
-        if nudged[p]:
-            ends[p] = _nudged_phase(free, r, slope, rows, statics, target, betas[p], layout, params, weights, solver,
-                                    rate, factor, nudge_steps, project)
-            if not _finite(ends[p]):
-                return 2 + p, nudge_steps
-    _estimate(ends[0], ends[1], r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads)
+        if nudged[p] and stepwise:  # -(A(nu_2) - A(nu_1)): phase 2's products with coef, phase 1's with -coef
+            ends[p] = _stdp_phase(free, r, slope, rows, statics, target, betas[p], layout, params, weights, eps,
+                                  factor, nudge_steps, project, form, coef if p == 1 else -coef, weight_grads)
+        elif nudged[p]:
+            nudged_solver = solver if form == EP else EULER
+            ends[p] = _nudged_phase(free, r, slope, rows, statics, target, betas[p], layout, params, weights,
+                                    nudged_solver, eps if nudged_solver == EULER else omega, factor, nudge_steps,
+                                    project)
+        if nudged[p] and not _finite(ends[p]):
+            return 2 + p, nudge_steps
+    if stepwise:
+        _stdp_ends(ends[0], ends[1], r, slope, layout, params, coef, form, input_scaled, bias_grads)
+    else:  # EP, and STDP's tied form, whose sum over the steps is EP's difference of the phases' ends
+        _estimate(ends[0], ends[1], r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads)
     _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost)
     return 0, taken
 
 
-def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None):
+def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None, form: str = "ep"):
     """``rule.compute_grads(network, x, target, state, generator)`` through :func:`ep_step`, or None where it does not
     apply (see the module's docstring; decided before anything is drawn from ``generator`` or validated twice); the
-    caller then runs the general path."""
+    caller then runs the general path. ``form``: ``"ep"`` for ``EquilibriumProp``, the form of an ``STDP`` rule."""
     batch = (x if state is None else state[0]).shape[0]
-    plan = _plan(rule, network, batch, target)
+    plan = _plan(rule, network, batch, target, FORMS[form])
     if plan is None:
         return None
     weights, layout = plan
@@ -206,8 +282,8 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         euler = relax.method == "euler"
         status, steps = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
                                 target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
-                                layout.kernels.params, layout.kernels.weights, EULER if euler else ASYNC,
-                                relax.eps if euler else relax.omega, _nudge_factor(relax), relax.free_steps,
+                                layout.kernels.params, layout.kernels.weights, FORMS[form], EULER if euler else ASYNC,
+                                relax.eps, relax.omega, _nudge_factor(relax), relax.free_steps,
                                 relax.nudge_steps, relax.project, -1.0 if relax.tol is None else float(relax.tol),
                                 relax.check_every, coef, input_scaled.numpy().reshape(-1),
                                 tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
@@ -237,7 +313,7 @@ def _phase_arrays(nus, batch: int, dtype) -> tuple[np.ndarray, np.ndarray, np.nd
     return betas, nudged, coef
 
 
-def _plan(rule, network, batch: int, target: Tensor):
+def _plan(rule, network, batch: int, target: Tensor, form: int):
     """(W_1..W_n, the chain's layout) when the compiled step applies to this rule, network and target, else None.
     Cheap checks only: no device read, nothing drawn."""
     relax = rule.relaxation
@@ -249,7 +325,8 @@ def _plan(rule, network, batch: int, target: Tensor):
             or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
             or not 0 < relax.eps < math.inf or autocast_enabled(target.device.type)):
         return None
-    if relax.method == "async":  # a concave nudge (1 + beta' <= 0) takes the general path's bound-picking minimiser
+    if relax.method == "async" and form == EP:  # a concave nudge (1 + beta' <= 0): the general path's minimiser
+        # (the STDP rule's nudged phases are Euler steps whatever solved the free phase)
         b = rule.beta
         betas = {"positive": (b,), "negative": (-b,)}.get(rule.variant, (b, -b))
         if any(1.0 + _nudge_factor(relax) * beta <= 0 for beta in betas):

@@ -1,4 +1,5 @@
-"""EP's training step in one compiled call (earlyprop.native_step) changes speed, never results (issue 4).
+"""EP's and the STDP rule's training step in one compiled call (earlyprop.native_step) changes speed, never results
+(issue 4).
 
 Each case runs ``EquilibriumProp.compute_grads`` twice on the same plain chain: through the compiled step
 (counted, so a silent fallback fails the test) and through the general path of ``relax`` (the compiled step
@@ -15,7 +16,7 @@ import earlyprop.native_step as native_step
 from earlyprop.dynamics import DivergenceError
 from earlyprop.network import Network
 from earlyprop.nonlinearity import Sigmoid
-from earlyprop.rules import EquilibriumProp, Relaxation
+from earlyprop.rules import STDP, STDP_FORMS, EquilibriumProp, Relaxation
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled kernels here "
                                 "(pip install numba); the general path is tested everywhere else")
@@ -43,7 +44,7 @@ def both(rule, net, x, d, state=None, seed=3, monkeypatch=None):
     out = []
     for compiled in (True, False):
         if not compiled:
-            monkeypatch.setattr(native_step, "compiled_step", lambda *args: None)
+            monkeypatch.setattr(native_step, "compiled_step", lambda *args, **kwargs: None)
         net.zero_grad(set_to_none=True)
         result = rule.compute_grads(net, x, d, state, generator=torch.Generator().manual_seed(seed))
         out.append((result, [p.grad.clone() for p in net.parameters()]))
@@ -80,6 +81,28 @@ def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, co
     assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps
     assert fast.free_steps == 15 if "tol" not in settings else fast.free_steps < 15
     assert fast.free_state[0] is x  # the input itself, as the general path returns it
+
+
+@pytest.mark.parametrize("sizes", [SMALL, DEEP])
+@pytest.mark.parametrize("form", STDP_FORMS)
+@pytest.mark.parametrize("variant", ["positive", "centered", "random_sign"])
+@pytest.mark.parametrize("rho,settings", [
+    ("hard_sigmoid", dict(method="euler")),
+    ("hard_sigmoid", dict(method="async")),  # the free phase by block sweeps, the nudged ones Euler (BF-17)
+    (Sigmoid(4.0, 0.5), dict(method="euler", eps=0.2, project=False, nudge_scale="none")),
+    ("tanh", dict(method="euler", project=False, tol=0.5, check_every=4)),
+])
+def test_the_compiled_stdp_step_is_the_general_step(sizes, form, variant, rho, settings, counted, monkeypatch):
+    """The seed's rule: the step-by-step products of the free-free couplings and the telescoped rest (BF-17)."""
+    net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
+    x, d = data(sizes)
+    rule = STDP(0.5, form, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    assert len(counted) == 1
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state, slow.free_state)
+    assert_close([fast.cost], [slow.cost])
+    assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps
 
 
 def test_from_a_given_state_and_into_existing_grads(counted, monkeypatch):
@@ -126,7 +149,8 @@ def test_ties_at_the_bound_are_broken_by_the_field(counted, monkeypatch):
     assert not torch.equal(fast.prediction, output.argmax(-1))  # and the field, not the first index, decides
 
 
-@pytest.mark.parametrize("case", ["subclass", "concave nudge", "native off", "cost", "broadcast target"])
+@pytest.mark.parametrize("case", ["subclass", "concave nudge", "native off", "cost", "broadcast target",
+                                  "STDP subclass"])
 def test_what_it_leaves_to_the_general_path(case, counted):
     net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, seed=0)
     x, d = data(SMALL)
@@ -141,6 +165,8 @@ def test_what_it_leaves_to_the_general_path(case, counted):
         d = d.argmax(-1)
     if case == "broadcast target":
         d = d[:1]
+    if case == "STDP subclass":
+        rule = type("MySTDP", (STDP,), {})(0.5)
     try:
         rule.compute_grads(net, x, d)
     except ValueError:

@@ -187,6 +187,14 @@ class STDP(_Contrastive):
             raise ValueError(f"unknown STDP form {form!r}; choose one of {', '.join(STDP_FORMS)}")
         self.form = form
 
+    def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
+                      generator: torch.Generator | None = None) -> StepResult:
+        if type(self) is STDP:  # a subclass may change a phase or the sum: the general path
+            compiled = native_step.compiled_step(self, network, x, target, state, generator, form=self.form)
+            if compiled is not None:
+                return compiled
+        return super().compute_grads(network, x, target, state, generator)
+
     def _phase(self, network: Network, free: State, nu, target: Tensor, static: list | None = None) -> list | None:
         if _is_zero(nu):
             return None
