@@ -1,4 +1,4 @@
-"""Equilibrium propagation's whole training step on a layered chain in one compiled call (CPU, numba).
+"""A contrastive rule's whole training step on a layered chain in one compiled call (CPU, numba).
 
 ``EquilibriumProp.compute_grads`` on a plain layered chain whose phases run in the kernels of
 :mod:`earlyprop.native` is, per batch: the input drive (one MKL product), the free phase, the two phases
@@ -7,14 +7,17 @@ and the cost at the free state, and the input weights' gradient (a second MKL pr
 those is a Python function around torch ops, ~1.2 ms of the ~2.2 ms of config A on the development VM
 (BENCHMARKS.md); here everything between the two products is one call of :func:`ep_step`, which runs the same
 kernels (:func:`earlyprop.native.euler_steps`, :func:`earlyprop.native.block_sweeps`) on the same buffers.
+The STDP rule (BF-17) runs the same way: its nudged phases are Euler steps that add each step's products of the
+free-free couplings (plain and Xie-Seung forms), and the sums that telescope (``STDP.accumulate``: the biases',
+the input coupling's, all of the tied form's) come from the phases' ends.
 Same equations, hence the same phases; the estimate and the cost are summed in another order (round-off only:
 tests/speed/test_compiled_step.py compares gradients, free states, predictions and costs with the general path in
 float64, tests/speed/test_fast_paths.py twenty-step training curves).
 
 It applies when the general path would run the kernels anyway (``Relaxation.native``, :func:`earlyprop.native.fits`)
-and nothing asks for more than the step computes: ``EquilibriumProp`` itself with a ``Relaxation`` and the
-squared-error cost, a target shaped like the output layer, no autocast, and, for the block solver, a convex nudge
-(1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does (checked every ``check_every`` steps, the steps
+and nothing asks for more than the step computes: ``EquilibriumProp`` or ``STDP`` itself with a ``Relaxation`` and
+the squared-error cost, a target shaped like the output layer, no autocast, and, for EP's block solver, a convex
+nudge (1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does (checked every ``check_every`` steps, the steps
 taken reported). Otherwise :func:`compiled_step` returns None and the general path runs.
 """
 
