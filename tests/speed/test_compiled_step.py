@@ -70,17 +70,24 @@ def assert_close(a, b, tol=TOL):
     ("hard_sigmoid", dict(method="async", tol=0.1, check_every=3)),
 ])
 def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, counted, monkeypatch):
+    rule = EquilibriumProp(0.5, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
+    fast, x = compare_steps(rule, sizes, rho, counted, monkeypatch)
+    assert fast.free_steps == 15 if "tol" not in settings else fast.free_steps < 15
+    assert fast.free_state[0] is x  # the input itself, as the general path returns it
+
+
+def compare_steps(rule, sizes, rho, counted, monkeypatch):
+    """One compute_grads through the compiled step (counted) and one through the general path, compared; returns
+    the compiled step's result and the input."""
     net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
     x, d = data(sizes)
-    rule = EquilibriumProp(0.5, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
     (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
     assert len(counted) == 1
     assert_close(fast_grads, slow_grads)
     assert_close(fast.free_state, slow.free_state)
     assert_close([fast.cost], [slow.cost])
     assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps
-    assert fast.free_steps == 15 if "tol" not in settings else fast.free_steps < 15
-    assert fast.free_state[0] is x  # the input itself, as the general path returns it
+    return fast, x
 
 
 @pytest.mark.parametrize("sizes", [SMALL, DEEP])
@@ -94,15 +101,8 @@ def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, co
 ])
 def test_the_compiled_stdp_step_is_the_general_step(sizes, form, variant, rho, settings, counted, monkeypatch):
     """The seed's rule: the step-by-step products of the free-free couplings and the telescoped rest (BF-17)."""
-    net = Network.layered(sizes, rho, dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
-    x, d = data(sizes)
     rule = STDP(0.5, form, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
-    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
-    assert len(counted) == 1
-    assert_close(fast_grads, slow_grads)
-    assert_close(fast.free_state, slow.free_state)
-    assert_close([fast.cost], [slow.cost])
-    assert torch.equal(fast.prediction, slow.prediction) and fast.free_steps == slow.free_steps
+    compare_steps(rule, sizes, rho, counted, monkeypatch)
 
 
 def test_from_a_given_state_and_into_existing_grads(counted, monkeypatch):
