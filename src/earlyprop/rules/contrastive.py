@@ -55,6 +55,11 @@ class _Contrastive(LearningRule):
 
     def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
                       generator: torch.Generator | None = None) -> StepResult:
+        form = self._compiled_form()
+        if form is not None:  # the whole step in one compiled call where it applies (earlyprop.native_step)
+            compiled = native_step.compiled_step(self, network, x, target, state, generator, form=form)
+            if compiled is not None:
+                return compiled
         if state is None:
             start = network.init_state(x)
         else:  # validated before static_fields touches it, so a bad state still gets relax's ValueError
@@ -72,6 +77,11 @@ class _Contrastive(LearningRule):
         accumulate_grads(list(network.parameters()), grads, owned=owned)
         value = self._readout_grads(free, target, network)
         return StepResult(free, value, self.predict_state(network, free, static), diagnostics.steps)
+
+    def _compiled_form(self) -> str | None:
+        """The estimate ``native_step.compiled_step`` computes for this rule ("ep" or an STDP form), or None: the
+        general path only."""
+        return None
 
     def _phases(self, network: Network, free: State, nu1, nu2, target: Tensor, static: list) -> list:
         return [self._phase(network, free, nu, target, static) for nu in (nu1, nu2)]
@@ -99,13 +109,8 @@ class EquilibriumProp(_Contrastive):
 
     name = "ep"
 
-    def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
-                      generator: torch.Generator | None = None) -> StepResult:
-        if type(self) is EquilibriumProp:  # a subclass may change a phase or the estimate: the general path
-            compiled = native_step.compiled_step(self, network, x, target, state, generator)
-            if compiled is not None:
-                return compiled
-        return super().compute_grads(network, x, target, state, generator)
+    def _compiled_form(self) -> str | None:
+        return "ep" if type(self) is EquilibriumProp else None  # a subclass may change a phase or the estimate
 
     def _phase(self, network: Network, free: State, nu, target: Tensor, static: list | None = None) -> State:
         if _is_zero(nu):
@@ -187,13 +192,8 @@ class STDP(_Contrastive):
             raise ValueError(f"unknown STDP form {form!r}; choose one of {', '.join(STDP_FORMS)}")
         self.form = form
 
-    def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
-                      generator: torch.Generator | None = None) -> StepResult:
-        if type(self) is STDP:  # a subclass may change a phase or the sum: the general path
-            compiled = native_step.compiled_step(self, network, x, target, state, generator, form=self.form)
-            if compiled is not None:
-                return compiled
-        return super().compute_grads(network, x, target, state, generator)
+    def _compiled_form(self) -> str | None:
+        return self.form if type(self) is STDP else None  # a subclass may change a phase or the sum
 
     def _phase(self, network: Network, free: State, nu, target: Tensor, static: list | None = None) -> list | None:
         if _is_zero(nu):
