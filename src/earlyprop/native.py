@@ -97,6 +97,13 @@ def _fill_rates(s, r, slope, layout, params, batch, parity):
             _smooth_rates(source, rates, slope[first:stop], kind, params[GAIN, k], params[SHIFT, k])
 
 
+@_jit
+def fill_all_rates(s, r, slope, layout, params, batch):
+    """:func:`_fill_rates` for every free layer. (Callers in compiled code use this, not a literal -1: numba
+    compiles one specialisation of a function per literal argument, and each costs seconds.)"""
+    _fill_rates(s, r, slope, layout, params, batch, np.int64(-1))
+
+
 @_jit(fastmath=FASTMATH - {"reassoc"})  # see _exp
 def _smooth_rates(s, r, slope, kind, gain, shift):
     """The logistic rate sigmoid(gain (s - shift)) and its slope gain r (1 - r), or (TANH) tanh(s) =
@@ -293,7 +300,7 @@ def euler_steps(s, r, slope, rows, statics, pull, kpull, layout, params, weights
     n, batch = layout.shape[1] - 1, statics[0].shape[0]
     worst, one, zero, inf = 0.0, s.dtype.type(1.0), s.dtype.type(0.0), s.dtype.type(np.inf)
     for t in range(count):
-        _fill_rates(s, r, slope, layout, params, batch, -1)  # every field of this step reads these rates
+        fill_all_rates(s, r, slope, layout, params, batch)  # every field of this step reads these rates
         last = measure and t == count - 1
         for k in range(1, n + 1):
             m, lo, hi, kind = layout[SIZE, k], params[LO, k], params[HI, k], layout[KIND, k]
@@ -342,7 +349,7 @@ def block_sweeps(s, r, slope, rows, statics, pull, curvature, layout, params, we
                             for j in range(m):
                                 h[j] = (h[j] + p[j]) / a
                         state = s[layout[START, k] + b * m:layout[START, k] + (b + 1) * m]
-                        worst = max(worst, _move(state, h, omega, lo, hi, last, True))
+                        worst = max(worst, _move(state, h, omega, lo, hi, last, np.bool_(True)))
     return worst / omega
 
 

@@ -33,12 +33,15 @@ from earlyprop import native
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
 from earlyprop.dynamics import DivergenceError
-from earlyprop.native import SIZE, START, _copy, _fields, _fill_rates, _jit, block_sweeps, euler_steps
+from earlyprop.native import SIZE, START, _copy, _fields, _jit, block_sweeps, euler_steps, fill_all_rates
 from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
 
 EULER, ASYNC = 0, 1
 EP, PLAIN, XIE_SEUNG, TIED = 0, 1, 2, 3  # the estimate: EP's, or the STDP rule's form (BF-17)
 FORMS = {"ep": EP, "plain": PLAIN, "xie_seung": XIE_SEUNG, "tied": TIED}
+# the kernels' flags as numpy scalars: numba compiles a function once more for each literal argument (True, 1) a
+# compiled caller passes (seconds each); numpy scalars are typed like the values Python passes
+YES, NO, ONE = np.bool_(True), np.bool_(False), np.int64(1)
 
 
 @_jit
@@ -69,12 +72,12 @@ def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, w
     s = free.copy()
     scaled, pull = _nudge(beta, target, factor, batch, layout[SIZE, n], free.dtype)
     if solver == EULER:
-        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, False, True,
-                    project, True)
+        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, NO, YES, project,
+                    YES)
     else:
         for b in range(batch):
             scaled[b] += 1.0
-        block_sweeps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, False, True)
+        block_sweeps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, rate, steps, NO, YES)
     return s
 
 
@@ -88,12 +91,12 @@ def _stdp_phase(free, r, slope, rows, statics, target, beta, layout, params, wei
     s = free.copy()
     before, rates_before, rates_after = np.empty_like(free), np.empty_like(free), np.empty_like(free)
     scaled, pull = _nudge(beta, target, factor, batch, layout[SIZE, n], free.dtype)
-    _fill_rates(s, rates_before, slope, layout, params, batch, -1)
+    fill_all_rates(s, rates_before, slope, layout, params, batch)
     for _ in range(steps):
         _copy(s, before)
-        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, eps, 1, False, True, project,
-                    True)
-        _fill_rates(s, rates_after, slope, layout, params, batch, -1)
+        euler_steps(s, r, slope, rows, statics, pull, scaled, layout, params, weights, eps, ONE, NO, YES,
+                    project, YES)
+        fill_all_rates(s, rates_after, slope, layout, params, batch)
         old, new = (before, s) if form == PLAIN else (rates_before, rates_after)
         for k in range(2, n + 1):
             m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
@@ -134,8 +137,8 @@ def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_
     batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
     n, batch = layout.shape[1] - 1, coef.shape[0]
     r2, d = np.empty_like(r), np.empty_like(r)
-    _fill_rates(first, r, slope, layout, params, batch, -1)
-    _fill_rates(second, r2, slope, layout, params, batch, -1)
+    fill_all_rates(first, r, slope, layout, params, batch)
+    fill_all_rates(second, r2, slope, layout, params, batch)
     _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
     for k in range(2, n + 1):
         m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
@@ -163,8 +166,8 @@ def _stdp_ends(first, second, r, slope, layout, params, coef, form, input_scaled
         _differences(first, second, layout, coef, d, input_scaled, bias_grads)
     else:
         r2 = np.empty_like(r)
-        _fill_rates(first, r, slope, layout, params, batch, -1)
-        _fill_rates(second, r2, slope, layout, params, batch, -1)
+        fill_all_rates(first, r, slope, layout, params, batch)
+        fill_all_rates(second, r2, slope, layout, params, batch)
         _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
 
 
@@ -174,7 +177,7 @@ def _predict(free, r, slope, rows, statics, target, layout, params, weights, pre
     as ``Cost.predict``) and the squared-error cost 1/2 ||y - d||^2 per example."""
     n, batch = layout.shape[1] - 1, statics[0].shape[0]
     m, start = layout[SIZE, n], layout[START, n]
-    _fill_rates(free, r, slope, layout, params, batch, -1)
+    fill_all_rates(free, r, slope, layout, params, batch)
     for b0 in range(0, batch, 4):
         block = min(4, batch - b0)
         _fields(r, statics, b0, block, n, layout, weights, rows)
@@ -201,10 +204,10 @@ def _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, 
         measure = tol >= 0 and (step % check_every == 0 or step == steps)
         if solver == EULER:
             residual = euler_steps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, count,
-                                   measure, True, project, False)
+                                   measure, YES, project, NO)
         else:
             residual = block_sweeps(free, r, slope, rows, statics, none, none, layout, params, weights, rate, count,
-                                    measure, False)
+                                    measure, NO)
         if not _finite(free):
             return -step
         if measure and residual <= tol:
@@ -286,9 +289,10 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         status, steps = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
                                 target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
                                 layout.kernels.params, layout.kernels.weights, FORMS[form], EULER if euler else ASYNC,
-                                relax.eps, relax.omega, _nudge_factor(relax), relax.free_steps,
-                                relax.nudge_steps, relax.project, -1.0 if relax.tol is None else float(relax.tol),
-                                relax.check_every, coef, input_scaled.numpy().reshape(-1),
+                                np_dtype.type(relax.eps), np_dtype.type(relax.omega), _nudge_factor(relax),
+                                relax.free_steps, relax.nudge_steps, relax.project,
+                                -1.0 if relax.tol is None else float(relax.tol), relax.check_every, coef,
+                                input_scaled.numpy().reshape(-1),
                                 tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
                                 prediction.numpy(), cost.numpy())
         if status:
