@@ -178,3 +178,39 @@ def test_the_bench_report_names_numba(monkeypatch):
     assert header.endswith(f"numba {native.numba.__version__}")
     monkeypatch.setattr(native, "numba", None)
     assert machine_info(torch.device("cpu"))["numba"] is None
+
+
+def _kernel_calls_with_literals(module) -> list[str]:
+    """Calls, in the module's compiled functions, of compiled functions with a literal argument (True, -1, 0.5)."""
+    import ast
+    import inspect
+
+    found = []
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            callee = getattr(module, node.func.id, None)
+            literal = [a for a in node.args if isinstance(a, ast.Constant) or isinstance(a, ast.UnaryOp)
+                       and isinstance(a.operand, ast.Constant)]
+            if hasattr(callee, "py_func") and literal:
+                found.append(f"{module.__name__}:{node.lineno} {node.func.id}")
+    return found
+
+
+@pytest.mark.parametrize("module", [native, native_step], ids=lambda m: m.__name__)
+def test_compiled_callers_pass_no_literals(module):
+    # numba compiles a compiled callee once more for each literal argument (a literal True is another type
+    # than the bool Python passes): seconds of compiling each, for the same machine code
+    assert _kernel_calls_with_literals(module) == []
+
+
+def test_the_compiled_step_passes_step_sizes_in_the_state_dtype():
+    # a float64 step size would make the float32 kernels compute in float64 and compile again
+    net = Network.layered((6, 5, 4, 3), "hard_sigmoid", dtype=torch.float32, seed=0)
+    x, d = torch.rand(4, 6), torch.eye(3)[[0, 1, 2, 0]]
+    for method in ("euler", "async"):
+        rule = EquilibriumProp(0.5, "centered", Relaxation(method=method, free_steps=3, nudge_steps=2))
+        rule.compute_grads(net, x, d)
+    names = native_step.ep_step.py_func.__code__.co_varnames
+    eps, omega = names.index("eps"), names.index("omega")
+    float32 = [sig for sig in native_step.ep_step.signatures if str(sig[0].dtype) == "float32"]
+    assert float32 and all(str(sig[eps]) == str(sig[omega]) == "float32" for sig in float32)
