@@ -199,12 +199,29 @@ def _fields(r, statics, b0, rows, k, layout, weights, out):
 @_jit
 def _add_dots(r, b0, rows, width, w, out):
     """out[q, j] += W[j] . r[b0 + q] (W: (m, width), r: examples of ``width`` units): four examples at a time share
-    each load of W (a lone dot product waits on its one accumulator: ~1.6-2x slower)."""
+    each load of W (a lone dot product waits on its one accumulator: ~1.6-2x slower), and two rows of W each load
+    of the examples (A's 20 x 500 x 10 field: 3.88 -> 3.26 us in float32, 8.10 -> 5.70 us in float64)."""
     m = w.shape[0]
     if rows == 4:
         r0, r1 = r[b0 * width:(b0 + 1) * width], r[(b0 + 1) * width:(b0 + 2) * width]
         r2, r3 = r[(b0 + 2) * width:(b0 + 3) * width], r[(b0 + 3) * width:(b0 + 4) * width]
-        for j in range(m):
+        for j in range(0, m - 1, 2):
+            row, a0, a1, a2, a3 = w[j], out[0, j], out[1, j], out[2, j], out[3, j]
+            other, c0, c1, c2, c3 = w[j + 1], out[0, j + 1], out[1, j + 1], out[2, j + 1], out[3, j + 1]
+            for i in range(width):
+                x, y, p0, p1, p2, p3 = row[i], other[i], r0[i], r1[i], r2[i], r3[i]
+                a0 += p0 * x
+                a1 += p1 * x
+                a2 += p2 * x
+                a3 += p3 * x
+                c0 += p0 * y
+                c1 += p1 * y
+                c2 += p2 * y
+                c3 += p3 * y
+            out[0, j], out[1, j], out[2, j], out[3, j] = a0, a1, a2, a3
+            out[0, j + 1], out[1, j + 1], out[2, j + 1], out[3, j + 1] = c0, c1, c2, c3
+        if m % 2:
+            j = m - 1
             row, a0, a1, a2, a3 = w[j], out[0, j], out[1, j], out[2, j], out[3, j]
             for i in range(width):
                 x = row[i]
