@@ -47,13 +47,16 @@ def available() -> bool:
     return numba is not None
 
 
-def _jit(function=None, *, fastmath=FASTMATH):
+def _jit(function=None, *, fastmath=FASTMATH, inline="never"):
+    """numba.njit, cached on disk, with the kernels' options. ``inline="always"`` inlines a function into its
+    compiled callers at numba's level: for the small functions that only orchestrate kernels, whose linked code
+    numba would otherwise optimise again in each caller (seconds of compiling; BENCHMARKS.md)."""
     if function is None:
-        return lambda function: _jit(function, fastmath=fastmath)
+        return lambda function: _jit(function, fastmath=fastmath, inline=inline)
     if numba is None:
         return function
     # error_model numpy: x / 0 is inf or NaN as in torch, not a ZeroDivisionError check that stops vectorisation
-    options = dict(fastmath=fastmath, error_model="numpy", nogil=True)
+    options = dict(fastmath=fastmath, error_model="numpy", nogil=True, inline=inline)
     try:
         return numba.njit(cache=True, **options)(function)
     except RuntimeError:  # no writable cache (a read-only install, no user cache dir): compile in each process

@@ -44,7 +44,7 @@ FORMS = {"ep": EP, "plain": PLAIN, "xie_seung": XIE_SEUNG, "tied": TIED}
 YES, NO, ONE = np.bool_(True), np.bool_(False), np.int64(1)
 
 
-@_jit
+@_jit(inline="always")
 def _finite(s) -> bool:
     for i in range(s.shape[0]):
         if not math.isfinite(s[i]):
@@ -52,7 +52,7 @@ def _finite(s) -> bool:
     return True
 
 
-@_jit
+@_jit(inline="always")
 def _nudge(beta, target, factor, batch, m, dtype):
     """(beta'_b per example, beta'_b d flat) for beta' = factor beta."""
     scaled, pull = np.empty(batch, dtype), np.empty(batch * m, dtype)
@@ -63,7 +63,7 @@ def _nudge(beta, target, factor, batch, m, dtype):
     return scaled, pull
 
 
-@_jit
+@_jit(inline="always")
 def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, weights, solver, rate, factor, steps,
                   project):
     """A nudged phase from the free state, in a new buffer: beta' = factor beta per example (Euler: the nudge
@@ -156,7 +156,7 @@ def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_
                     row[i] += a * lower_r[i] + c * lower_d[i]
 
 
-@_jit
+@_jit(inline="always")
 def _stdp_ends(first, second, r, slope, layout, params, coef, form, input_scaled, bias_grads):
     """The STDP sums that telescope (``STDP.accumulate``): the biases' and the input coupling's, from the phases'
     last states (both phases start at the free state): coef (s2 - s1), or coef (rho(s2) - rho(s1)) for Xie-Seung."""
@@ -191,7 +191,7 @@ def _predict(free, r, slope, rows, statics, target, layout, params, weights, pre
             prediction[b], cost[b] = choice, total
 
 
-@_jit
+@_jit(inline="always")
 def _free_phase(free, r, slope, rows, statics, layout, params, weights, solver, rate, steps, project, tol, check_every):
     """The free phase in place, in stretches up to each check as ``relax`` runs it: every ``check_every`` steps and
     at the last one the state must be finite, and with ``tol`` >= 0 the phase stops once the residual (the last
