@@ -81,7 +81,7 @@ def _nudged_phase(free, r, slope, rows, statics, target, beta, layout, params, w
     return s
 
 
-@_jit
+@_jit(inline="always")
 def _stdp_phase(free, r, slope, rows, statics, target, beta, layout, params, weights, eps, factor, steps, project,
                 form, coef, weight_grads):
     """A nudged Euler phase from the free state (a new buffer) that adds every step's products of the free-free
@@ -111,7 +111,7 @@ def _stdp_phase(free, r, slope, rows, statics, target, beta, layout, params, wei
     return s
 
 
-@_jit
+@_jit(inline="always")
 def _differences(a, b, layout, coef, d, input_scaled, bias_grads):
     """d_k = coef (b - a) per free layer (flat, laid out like the state), its batch sum into ``bias_grads[k - 1]``,
     and d_1 into ``input_scaled`` (the input coupling's factor, for its MKL product with rho(x))."""
@@ -131,7 +131,7 @@ def _differences(a, b, layout, coef, d, input_scaled, bias_grads):
         input_scaled[i] = d[start + i]
 
 
-@_jit
+@_jit(inline="always")
 def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
     """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
     batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
@@ -171,7 +171,7 @@ def _stdp_ends(first, second, r, slope, layout, params, coef, form, input_scaled
         _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
 
 
-@_jit
+@_jit(inline="always")
 def _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost):
     """The class prediction at the free state (argmax of the output; among tied units the largest field wins,
     as ``Cost.predict``) and the squared-error cost 1/2 ||y - d||^2 per example."""
