@@ -203,7 +203,8 @@ def _fields(r, statics, b0, rows, k, layout, weights, out):
 def _add_dots(r, b0, rows, width, w, out):
     """out[q, j] += W[j] . r[b0 + q] (W: (m, width), r: examples of ``width`` units): four examples at a time share
     each load of W (a lone dot product waits on its one accumulator: ~1.6-2x slower), and two rows of W each load
-    of the examples (A's 20 x 500 x 10 field: 3.88 -> 3.26 us in float32, 8.10 -> 5.70 us in float64)."""
+    of the examples (A's 20 x 500 x 10 field: 3.8-4.3 -> 3.1-3.8 us in float32, 10.2-10.5 -> 6.3-7.2 us in
+    float64; BENCHMARKS.md)."""
     m = w.shape[0]
     if rows == 4:
         r0, r1 = r[b0 * width:(b0 + 1) * width], r[(b0 + 1) * width:(b0 + 2) * width]
