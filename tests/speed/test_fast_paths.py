@@ -246,7 +246,7 @@ def test_bench_cli_json(tmp_path):
 
 def test_bench_gpu_config_g():
     """Issue 4's GPU budget: 784-1024-1024-10, batch 256, 20 + 4 Euler steps at eps 0.5, one-sided EP."""
-    from earlyprop.bench import CONFIGS, flop_floor, small_shapes
+    from earlyprop.bench_configs import CONFIGS, flop_floor, small_shapes
     from earlyprop.commands.bench import _configs
 
     g = CONFIGS["G"]
@@ -289,7 +289,8 @@ def test_bench_machine_info_names_the_gpu(monkeypatch):
 
 def test_bench_conv_config_m_matches_the_mnist_conv_config():
     """Issue 6's conv benchmark: configs/mnist-conv.toml's network; its backprop baseline is the same CNN."""
-    from earlyprop.bench import CONFIGS, conv_flop_floor, make_cnn
+    from earlyprop.bench import make_cnn
+    from earlyprop.bench_configs import CONFIGS, conv_flop_floor
 
     m = CONFIGS["M"]
     assert m.sizes == (784, 32 * 14 * 14, 64 * 7 * 7, 10) and m.variant == "centered"

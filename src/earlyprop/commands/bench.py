@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from earlyprop.bench_configs import CONFIGS, DEFAULT_CONFIGS
 from earlyprop.commands import json_safe
 
-CONFIG_NAMES = ("A", "B", "C", "D", "G", "M", "N")
-DEFAULT_CONFIGS = ("A", "B", "C", "D")
+CONFIG_NAMES = tuple(CONFIGS)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
