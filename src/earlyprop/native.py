@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from earlyprop.native_cache import stamp_cache
 from earlyprop.nonlinearity import HardSigmoid, Linear, Sigmoid, Tanh
 
 try:
@@ -58,9 +59,11 @@ def _jit(function=None, *, fastmath=FASTMATH, inline="never"):
     # error_model numpy: x / 0 is inf or NaN as in torch, not a ZeroDivisionError check that stops vectorisation
     options = dict(fastmath=fastmath, error_model="numpy", nogil=True, inline=inline)
     try:
-        return numba.njit(cache=True, **options)(function)
+        dispatcher = numba.njit(cache=True, **options)(function)
     except RuntimeError:  # no writable cache (a read-only install, no user cache dir): compile in each process
         return numba.njit(**options)(function)
+    stamp_cache(dispatcher)  # fresh when any kernel file changes, not only its own (earlyprop.native_cache)
+    return dispatcher
 
 
 @_jit

@@ -8,6 +8,10 @@ Their fixed points, trajectories and gradients against the general loop are in t
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +218,52 @@ def test_the_compiled_step_passes_step_sizes_in_the_state_dtype():
     eps, omega = names.index("eps"), names.index("omega")
     float32 = [sig for sig in native_step.ep_step.signatures if str(sig[0].dtype) == "float32"]
     assert float32 and all(str(sig[eps]) == str(sig[omega]) == "float32" for sig in float32)
+
+
+CALLEE = """import numba
+
+@numba.njit(cache=True)
+def plus(x):
+    return x + {step}
+"""
+CALLER = """import pathlib
+import numba
+from callee import plus
+from earlyprop.native_cache import stamp_cache
+
+@numba.njit(cache=True)
+def twice(x):
+    return 2.0 * plus(x)
+
+SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("callee.py", "caller.py")]
+assert stamp_cache(plus, SOURCES) and stamp_cache(twice, SOURCES)
+"""
+
+
+def test_a_cached_caller_sees_its_callees_file_change(tmp_path):
+    # numba stamps a cache with the function's own file: a caller cached in caller.py would keep running the old
+    # plus() after callee.py changed (as native_step.ep_step the old kernels of native.py) unless stamp_cache
+    # stamps it with both files
+    src = str(Path(native.__file__).parents[1])
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), src, os.environ.get("PYTHONPATH", "")])}
+
+    def twice_of_one() -> str:
+        return subprocess.run([sys.executable, "-c", "from caller import twice; print(twice(1.0))"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    (tmp_path / "callee.py").write_text(CALLEE.format(step=1.0))
+    (tmp_path / "caller.py").write_text(CALLER)
+    assert twice_of_one() == "4.0"
+    assert twice_of_one() == "4.0"  # loaded from the cache
+    (tmp_path / "callee.py").write_text(CALLEE.format(step=2.0))
+    assert twice_of_one() == "6.0"
+
+
+def test_the_kernels_caches_are_stamped_with_every_kernel_file():
+    from earlyprop.native_cache import KERNEL_SOURCES, _contents_hash
+
+    assert {p.name for p in KERNEL_SOURCES} == {"native.py", "native_step.py"}
+    for kernel in (native.euler_steps, native.block_sweeps, native_step.ep_step):
+        stamp = kernel._cache._cache_file._source_stamp
+        assert stamp[1:] == tuple(_contents_hash(p) for p in KERNEL_SOURCES)
