@@ -7,6 +7,8 @@ Their fixed points, trajectories and gradients against the general loop are in t
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import os
 import subprocess
@@ -186,9 +188,6 @@ def test_the_bench_report_names_numba(monkeypatch):
 
 def _kernel_calls_with_literals(module) -> list[str]:
     """Calls, in the module's compiled functions, of compiled functions with a literal argument (True, -1, 0.5)."""
-    import ast
-    import inspect
-
     found = []
     for node in ast.walk(ast.parse(inspect.getsource(module))):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -255,7 +254,8 @@ def test_a_cached_caller_sees_its_callees_file_change(tmp_path):
     (tmp_path / "callee.py").write_text(CALLEE.format(step=1.0))
     (tmp_path / "caller.py").write_text(CALLER)
     assert twice_of_one() == "4.0"
-    assert twice_of_one() == "4.0"  # loaded from the cache
+    assert list((tmp_path / "cache").rglob("caller.twice-*.nbi"))  # cached: the next process loads it
+    assert twice_of_one() == "4.0"
     (tmp_path / "callee.py").write_text(CALLEE.format(step=2.0))
     assert twice_of_one() == "6.0"
 
