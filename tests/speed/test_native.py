@@ -208,7 +208,8 @@ def test_compiled_callers_pass_no_literals(module):
 
 def test_the_compiled_step_passes_step_sizes_in_the_state_dtype():
     # a float64 step size would make the float32 kernels compute in float64 and compile again
-    net = Network.layered((6, 5, 4, 3), "hard_sigmoid", dtype=torch.float32, seed=0)
+    # (the float32 depth the other tests compile: a new depth would compile the kernels again, ~20 s)
+    net = Network.layered((6, 5, 3), "hard_sigmoid", dtype=torch.float32, seed=0)
     x, d = torch.rand(4, 6), torch.eye(3)[[0, 1, 2, 0]]
     for method in ("euler", "async"):
         rule = EquilibriumProp(0.5, "centered", Relaxation(method=method, free_steps=3, nudge_steps=2))
