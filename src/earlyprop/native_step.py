@@ -132,14 +132,23 @@ def _differences(a, b, layout, coef, d, input_scaled, bias_grads):
 
 
 @_jit(inline="always")
-def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
-    """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
-    batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
-    n, batch = layout.shape[1] - 1, coef.shape[0]
+def _rate_differences(first, second, r, slope, layout, params, coef, input_scaled, bias_grads):
+    """r1 = rho(first) into ``r``; returns r2 = rho(second) and d = coef (r2 - r1) (:func:`_differences`, which also
+    fills the biases' sums and ``input_scaled``)."""
+    batch = coef.shape[0]
     r2, d = np.empty_like(r), np.empty_like(r)
     fill_all_rates(first, r, slope, layout, params, batch)
     fill_all_rates(second, r2, slope, layout, params, batch)
     _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
+    return r2, d
+
+
+@_jit(inline="always")
+def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads):
+    """-(w/B) (dE/dtheta(second) - dE/dtheta(first)) (``ep_difference``): d_k = coef (r2 - r1) per free layer, its
+    batch sum (bias), d_k^T r2_{k-1} + r1_k^T d_{k-1} (W_k, k >= 2); d_1 goes to ``input_scaled`` for W_1."""
+    n, batch = layout.shape[1] - 1, coef.shape[0]
+    r2, d = _rate_differences(first, second, r, slope, layout, params, coef, input_scaled, bias_grads)
     for k in range(2, n + 1):
         m, width, g = layout[SIZE, k], layout[SIZE, k - 1], weight_grads[k - 2]
         top, below = layout[START, k], layout[START, k - 1]
@@ -160,15 +169,10 @@ def _estimate(first, second, r, slope, layout, params, coef, input_scaled, bias_
 def _stdp_ends(first, second, r, slope, layout, params, coef, form, input_scaled, bias_grads):
     """The STDP sums that telescope (``STDP.accumulate``): the biases' and the input coupling's, from the phases'
     last states (both phases start at the free state): coef (s2 - s1), or coef (rho(s2) - rho(s1)) for Xie-Seung."""
-    batch = coef.shape[0]
-    d = np.empty_like(r)
     if form == PLAIN:
-        _differences(first, second, layout, coef, d, input_scaled, bias_grads)
+        _differences(first, second, layout, coef, np.empty_like(r), input_scaled, bias_grads)
     else:
-        r2 = np.empty_like(r)
-        fill_all_rates(first, r, slope, layout, params, batch)
-        fill_all_rates(second, r2, slope, layout, params, batch)
-        _differences(r, r2, layout, coef, d, input_scaled, bias_grads)
+        _rate_differences(first, second, r, slope, layout, params, coef, input_scaled, bias_grads)
 
 
 @_jit(inline="always")
