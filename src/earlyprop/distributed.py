@@ -8,7 +8,8 @@ example of each batch, so N processes see exactly the batches one process would.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +80,26 @@ def init_from_environment(device: str = "cpu") -> Group:
     backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
     return current_group()
+
+
+@contextmanager
+def joined_group(device: str = "cpu") -> Iterator[Group]:
+    """:func:`init_from_environment` for the length of a ``with`` block, leaving the group it joined at the end.
+
+    A rank that exits with its process group still alive can die of SIGABRT while the interpreter shuts down
+    (gloo's worker threads still hold tensors, whose release then needs the GIL of a finalising interpreter),
+    and torchrun then stops the whole job: so the group is destroyed before the process ends, after a barrier
+    on a normal exit (no rank leaves while another still collects), without one after an error (it could hang).
+    """
+    joined = not (dist.is_available() and dist.is_initialized())
+    group = init_from_environment(device)
+    joined = joined and group.world > 1
+    try:
+        yield group
+    except BaseException:
+        if joined:
+            dist.destroy_process_group()
+        raise
+    if joined:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ SRC = str(HERE.parents[1] / "src")
 
 
 def env():
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank killed by a signal prints every thread's Python stack
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1"}
 
 
 @pytest.mark.parametrize("mode", [[], ["persistent"]], ids=["plain", "persistent"])
@@ -39,6 +42,42 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, mode):
         assert "particles.1" in a and int((a["particles.1"].abs().sum(1) > 0).sum()) == 29  # 20 + 9 examples
 
 
+LEAVE = """
+import sys
+import torch
+import torch.distributed as dist
+from earlyprop.distributed import joined_group
+for fails in (False, True):
+    try:
+        with joined_group() as group:
+            assert dist.is_initialized() and group.world == 2
+            total = torch.ones(1)
+            dist.all_reduce(total)
+            assert total.item() == 2.0
+            if fails:
+                raise KeyError("inside")
+    except KeyError:
+        assert fails
+    assert not dist.is_initialized()
+print("left", group.rank)
+"""
+
+
+def test_joined_group_is_left_before_the_process_exits():
+    """A rank exiting with its gloo group alive can die of SIGABRT in interpreter shutdown (seen once in CI):
+    the group is left at the end of the block, normally and after an error, and can be joined again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", LEAVE], stdout=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)})
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == ["left 0\n", "left 1\n"]
+
+
 def test_torchrun_trains_digits(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -46,7 +85,7 @@ def test_torchrun_trains_digits(tmp_path):
          "train", "--rule", "stdp", "--hidden", "128", "--epochs", "5", "--solver", "async", "--free-steps", "20",
          "--threads", "1", "--out", str(out), "--json"],
         env=env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, result.stdout  # the summary is printed once, by rank 0
     summary = json.loads(lines[0])

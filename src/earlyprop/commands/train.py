@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from earlyprop.config import load_config
-    from earlyprop.distributed import init_from_environment
-    from earlyprop.train import train
+    from earlyprop.distributed import joined_group
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,25 +119,33 @@ def run(args: argparse.Namespace) -> int:
     main_job = args.config is None and not overrides and not args.resume
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR (the run directory to continue)")
-    group = init_from_environment(config.device)  # a no-op unless started by torchrun
-    if args.out is not None and not args.resume and group.is_main:
-        _check_out(args.out, args.force)
-    if args.resume and args.config is None and args.out is not None and (args.out / "config.toml").is_file():
-        # the run's own settings, unless flags say otherwise
-        config = load_config(args.out / "config.toml", overrides)
+    with joined_group(config.device) as group:  # torchrun's process group, if started by torchrun
+        if args.out is not None and not args.resume and group.is_main:
+            _check_out(args.out, args.force)
+        if args.resume and args.config is None and args.out is not None and (args.out / "config.toml").is_file():
+            # the run's own settings, unless flags say otherwise
+            config = load_config(args.out / "config.toml", overrides)
+        summaries = _train(args, config, main_job)
+        if not group.is_main:
+            return 0
+    _print_table(summaries)
+    if args.json:
+        print(json.dumps(summaries[0] if not main_job else {**summaries[0], "baseline": summaries[1]}))
+    return 0
+
+
+def _train(args: argparse.Namespace, config, main_job: bool) -> list[dict]:
+    """The run's summary, and for the main job the backprop baseline's after it."""
+    from earlyprop.config import load_config
+    from earlyprop.train import train
+
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    summary = train(config, out=args.out, progress=progress, resume=args.resume)
-    summaries = [summary]
+    summaries = [train(config, out=args.out, progress=progress, resume=args.resume)]
     if main_job:
         baseline = load_config(None, {"rule": "backprop"})
         print("\nthe same network trained by backprop (feed-forward MLP of the same sizes):", file=sys.stderr)
         summaries.append(train(baseline, out=args.out / "backprop" if args.out else None, progress=progress))
-    if not group.is_main:
-        return 0
-    _print_table(summaries)
-    if args.json:
-        print(json.dumps(summary if not main_job else {**summary, "baseline": summaries[1]}))
-    return 0
+    return summaries
 
 
 def _check_out(out: Path, force: bool) -> None:
