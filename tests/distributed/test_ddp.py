@@ -43,7 +43,6 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, mode):
 
 
 LEAVE = """
-import sys
 import torch
 import torch.distributed as dist
 from earlyprop.distributed import joined_group
