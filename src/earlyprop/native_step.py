@@ -278,7 +278,8 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     nus = rule.nudges(batch, generator, dtype, network.device)
     betas, nudged, coef = _phase_arrays(nus, batch, np_dtype)
     with torch.no_grad():
-        static = network.static_fields(start)  # bias + input drive: the first MKL product
+        input_rate = network.rhos[0].rho(start[0])  # rho(x), read by both MKL products
+        static = network.static_fields(start, [input_rate, *[None] * n])  # bias + input drive: the first product
         free = torch.zeros(layout.length, dtype=dtype) if state is None else torch.empty(layout.length, dtype=dtype)
         views = layout.views(free)
         if state is not None:
@@ -302,7 +303,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         if status:
             _diverged(status, steps, relax, nus)
         x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
-        grads = {id(weights[0]): torch.mm(input_scaled.T, network.rhos[0].rho(x))}  # the second MKL product
+        grads = {id(weights[0]): torch.mm(input_scaled.T, input_rate)}  # the second MKL product
     grads.update((id(w), g) for w, g in zip(weights[1:], weight_grads))
     grads.update((id(network.bias(k)), g) for k, g in zip(range(1, n + 1), bias_grads))
     params = list(network.parameters())
