@@ -73,12 +73,17 @@ def current_group() -> Group:
 
 
 def init_from_environment(device: str = "cpu") -> Group:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU)."""
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU).
+
+    On GPUs each rank takes its own: a device without an index (``"cuda"``, or ``"auto"`` where a GPU is visible)
+    becomes the rank's ``LOCAL_RANK``-th (NCCL refuses two ranks on one device, and all would land on the first)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return current_group()
-    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    cuda = (device.startswith("cuda") or device == "auto") and torch.cuda.is_available()
+    if cuda and device in ("cuda", "auto") and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
     return current_group()
 
 

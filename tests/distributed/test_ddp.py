@@ -77,6 +77,25 @@ def test_joined_group_is_left_before_the_process_exits():
     assert outputs == ["left 0\n", "left 1\n"]
 
 
+@pytest.mark.parametrize("device, expected", [("cuda", ("nccl", 3)), ("auto", ("nccl", 3)), ("cuda:1", ("nccl", None)),
+                                              ("cpu", ("gloo", None))])
+def test_each_gpu_rank_takes_its_own_device(monkeypatch, device, expected):
+    """Under torchrun with GPUs, "cuda" (or "auto") means the rank's LOCAL_RANK-th device, joined with nccl (no GPU
+    here: torch.cuda and the group's start are stand-ins that record what they were asked)."""
+    from earlyprop import distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("device", index))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed, "current_group", lambda: distributed.Group(3, 4))
+    assert distributed.init_from_environment(device) == distributed.Group(3, 4)
+    assert (calls["backend"], calls.get("device")) == expected
+
+
 def test_torchrun_trains_digits(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
