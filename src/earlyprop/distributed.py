@@ -61,9 +61,17 @@ class Group:
         """Element-wise sum over ranks (metrics)."""
         if self.world == 1:
             return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64)
+        t = torch.tensor(list(values), dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor made for a collective must live: nccl reduces CUDA tensors only (this rank's GPU), gloo CPU
+    ones too."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def current_group() -> Group:

@@ -96,6 +96,16 @@ def test_each_gpu_rank_takes_its_own_device(monkeypatch, device, expected):
     assert (calls["backend"], calls.get("device")) == expected
 
 
+@pytest.mark.parametrize("backend, expected", [("nccl", torch.device("cuda", 2)), ("gloo", torch.device("cpu"))])
+def test_metrics_are_summed_on_the_backends_device(monkeypatch, backend, expected):
+    """nccl reduces CUDA tensors only: the metrics' sum is made on the rank's GPU there (stand-ins, no GPU here)."""
+    from earlyprop import distributed
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert distributed.collective_device() == expected
+
+
 def test_torchrun_trains_digits(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
