@@ -74,8 +74,12 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def current_group() -> Group:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         return Group(dist.get_rank(), dist.get_world_size())
     return Group()
 
@@ -86,7 +90,7 @@ def init_from_environment(device: str = "cpu") -> Group:
     On GPUs each rank takes its own: a device without an index (``"cuda"``, or ``"auto"`` where a GPU is visible)
     becomes the rank's ``LOCAL_RANK``-th (NCCL refuses two ranks on one device, and all would land on the first)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+    if world <= 1 or _initialized():
         return current_group()
     cuda = (device.startswith("cuda") or device == "auto") and torch.cuda.is_available()
     if cuda and device in ("cuda", "auto") and "LOCAL_RANK" in os.environ:
@@ -104,15 +108,16 @@ def joined_group(device: str = "cpu") -> Iterator[Group]:
     and torchrun then stops the whole job: so the group is destroyed before the process ends, after a barrier
     on a normal exit (no rank leaves while another still collects), without one after an error (it could hang).
     """
-    joined = not (dist.is_available() and dist.is_initialized())
+    already = _initialized()  # someone else's group: theirs to leave
     group = init_from_environment(device)
-    joined = joined and group.world > 1
+    joined = not already and group.world > 1
     try:
         yield group
     except BaseException:
         if joined:
             dist.destroy_process_group()
         raise
-    if joined:
-        dist.barrier()
-        dist.destroy_process_group()
+    else:
+        if joined:
+            dist.barrier()
+            dist.destroy_process_group()
