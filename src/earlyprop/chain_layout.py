@@ -53,6 +53,7 @@ class ChainLayout:
         self.batch, self.length = batch, start
         self.scalars: dict[float, Tensor] = {}  # 0-d constants on the device (Chain.scalar), never written
         self.kernels = KernelLayout(self, batch) if compiled else None
+        self.step_plans: dict = {}  # earlyprop.step_plan's, for the rules that run their step on this layout
 
     def views(self, flat: Tensor) -> list:
         """Per-layer (batch, n_k) views of a flat buffer of this layout: row-major, or unit-major for the narrow

@@ -18,7 +18,7 @@ It applies when the general path would run the kernels anyway (``Relaxation.nati
 and nothing asks for more than the step computes: ``EquilibriumProp`` or ``STDP`` itself with a ``Relaxation`` and
 the squared-error cost, a target shaped like the output layer, no autocast, and, for EP's block solver, a convex
 nudge (1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does (checked every ``check_every`` steps, the steps
-taken reported). Otherwise :func:`compiled_step` returns None and the general path runs.
+taken reported). The Python around the call, and the decision, is :mod:`earlyprop.step_plan`.
 """
 
 from __future__ import annotations
@@ -26,15 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from earlyprop import native
-from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
-from earlyprop.cost import SquaredError
-from earlyprop.dynamics import DivergenceError
 from earlyprop.native import SIZE, START, _copy, _fields, _jit, block_sweeps, euler_steps, fill_all_rates
-from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
 
 EULER, ASYNC = 0, 1
 EP, PLAIN, XIE_SEUNG, TIED = 0, 1, 2, 3  # the estimate: EP's, or the STDP rule's form (BF-17)
@@ -256,114 +249,3 @@ def ep_step(free, statics, target, betas, nudged, layout, params, weights, form,
         _estimate(ends[0], ends[1], r, slope, layout, params, coef, input_scaled, bias_grads, weight_grads)
     _predict(free, r, slope, rows, statics, target, layout, params, weights, prediction, cost)
     return 0, taken
-
-
-def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None, form: str = "ep"):
-    """``rule.compute_grads(network, x, target, state, generator)`` through :func:`ep_step`, or None where it does not
-    apply (see the module's docstring; decided before anything is drawn from ``generator`` or validated twice); the
-    caller then runs the general path. ``form``: ``"ep"`` for ``EquilibriumProp``, the form of an ``STDP`` rule."""
-    batch = (x if state is None else state[0]).shape[0]
-    plan = _plan(rule, network, batch, target, FORMS[form])
-    if plan is None:
-        return None
-    weights, layout = plan
-    relax, n, dtype, np_dtype = rule.relaxation, len(weights), weights[0].dtype, layout.kernels.params.dtype
-    if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer is zeroed below
-        start = [*network.clamped_inputs(x), *[None] * n]
-    else:
-        network.check_state(state)
-        start = state
-    if any(t is not None and t.dtype != dtype for t in start):
-        return None
-    nus = rule.nudges(batch, generator, dtype, network.device)
-    betas, nudged, coef = _phase_arrays(nus, batch, np_dtype)
-    with torch.no_grad():
-        input_rate = network.rhos[0].rho(start[0])  # rho(x), read by both MKL products
-        static = network.static_fields(start, [input_rate, *[None] * n])  # bias + input drive: the first product
-        free = torch.zeros(layout.length, dtype=dtype) if state is None else torch.empty(layout.length, dtype=dtype)
-        views = layout.views(free)
-        if state is not None:
-            for k in range(1, n + 1):
-                views[k].copy_(state[k])
-        sizes = network.sizes
-        input_scaled = torch.empty(batch, sizes[1], dtype=dtype)
-        bias_grads = [torch.empty(sizes[k], dtype=dtype) for k in range(1, n + 1)]
-        weight_grads = [torch.empty(sizes[k], sizes[k - 1], dtype=dtype) for k in range(2, n + 1)]
-        prediction, cost = torch.empty(batch, dtype=torch.int64), torch.empty(batch, dtype=dtype)
-        euler = relax.method == "euler"
-        status, steps = ep_step(free.numpy(), tuple(static[k].numpy() for k in range(1, n + 1)),
-                                target.detach().contiguous().numpy().reshape(-1), betas, nudged, layout.kernels.layout,
-                                layout.kernels.params, layout.kernels.weights, FORMS[form], EULER if euler else ASYNC,
-                                np_dtype.type(relax.eps), np_dtype.type(relax.omega), _nudge_factor(relax),
-                                relax.free_steps, relax.nudge_steps, relax.project,
-                                -1.0 if relax.tol is None else float(relax.tol), relax.check_every, coef,
-                                input_scaled.numpy().reshape(-1),
-                                tuple(g.numpy() for g in bias_grads), tuple(g.numpy() for g in weight_grads),
-                                prediction.numpy(), cost.numpy())
-        if status:
-            _diverged(status, steps, relax, nus)
-        x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
-        grads = {id(weights[0]): torch.mm(input_scaled.T, input_rate)}  # the second MKL product
-    grads.update((id(w), g) for w, g in zip(weights[1:], weight_grads))
-    grads.update((id(network.bias(k)), g) for k, g in zip(range(1, n + 1), bias_grads))
-    params = list(network.parameters())
-    accumulate_grads(params, [grads[id(p)] for p in params], owned=True)
-    return StepResult([x, *views[1:]], cost, prediction, steps)
-
-
-def _phase_arrays(nus, batch: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The kernel's view of (nu_1, nu_2), floats or per-example tensors: the betas per example, (2, batch); which
-    phases are nudged (a zero phase is the free state itself); and the estimate's -w / B per example,
-    w = 1 / (nu_2 - nu_1)."""
-    betas = np.empty((2, batch), dtype=dtype)
-    for p, nu in enumerate(nus):
-        betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
-    nudged = np.array([isinstance(nu, Tensor) or nu != 0.0 for nu in nus])
-    spread = nus[1] - nus[0]
-    coef = np.empty(batch, dtype=dtype)
-    coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
-    return betas, nudged, coef
-
-
-def _plan(rule, network, batch: int, target: Tensor, form: int):
-    """(W_1..W_n, the chain's layout) when the compiled step applies to this rule, network and target, else None.
-    Cheap checks only: no device read, nothing drawn."""
-    relax = rule.relaxation
-    if (native.numba is None or type(relax) is not Relaxation or not relax.native
-            or not (relax.tol is None or isinstance(relax.tol, int | float) and 0 <= relax.tol < math.inf)
-            or not isinstance(relax.check_every, int) or relax.check_every < 1
-            or type(rule.cost) is not SquaredError or relax.method not in ("euler", "async")
-            or relax.nudge_scale not in ("eps", "none") or not _plain_count(relax.free_steps)
-            or not _plain_count(relax.nudge_steps) or not isinstance(relax.eps, int | float)
-            or not 0 < relax.eps < math.inf or autocast_enabled(target.device.type)):
-        return None
-    if relax.method == "async" and form == EP:  # a concave nudge (1 + beta' <= 0): the general path's minimiser
-        # (the STDP rule's nudged phases are Euler steps whatever solved the free phase)
-        b = rule.beta
-        betas = {"positive": (b,), "negative": (-b,)}.get(rule.variant, (b, -b))
-        if any(1.0 + _nudge_factor(relax) * beta <= 0 for beta in betas):
-            return None
-    weights = dense_chain(network)
-    if (weights is None or weights[0].device.type != "cpu" or target.dtype != weights[0].dtype
-            or tuple(target.shape) != (batch, network.sizes[-1])):
-        return None
-    layout = ChainLayout.of(network, weights, batch, True)
-    return None if layout.kernels is None else (weights, layout)
-
-
-def _nudge_factor(relax) -> float:
-    """beta' / beta (BF-9, THEORY A1): the Euler nudge's k = c beta / eps and the block minimiser's a = 1 + beta'."""
-    return 1.0 if relax.nudge_scale == "eps" else 1.0 / relax.eps
-
-
-def _plain_count(steps) -> bool:
-    return isinstance(steps, int) and steps >= 0
-
-
-def _diverged(status: int, steps: int, relax, nus) -> None:
-    phase = "free" if status == 1 else "nudged"
-    beta = nus[status - 2] if status > 1 else 0.0
-    beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
-    raise DivergenceError(
-        f"relaxation diverged: non-finite state by step {steps} of the {phase} phase (eps={relax.eps:g}, "
-        f"beta={beta_text}); reduce eps (stable when eps < 2/lambda_max(H)) or beta")

@@ -8,11 +8,14 @@ switched off), and compares the gradients, the free state, the prediction and th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import earlyprop.native as native
 import earlyprop.native_step as native_step
+import earlyprop.step_plan as step_plan
 from earlyprop.dynamics import DivergenceError
 from earlyprop.network import Network
 from earlyprop.nonlinearity import Sigmoid
@@ -44,7 +47,7 @@ def both(rule, net, x, d, state=None, seed=3, monkeypatch=None):
     out = []
     for compiled in (True, False):
         if not compiled:
-            monkeypatch.setattr(native_step, "compiled_step", lambda *args, **kwargs: None)
+            monkeypatch.setattr(step_plan, "compiled_step", lambda *args, **kwargs: None)
         net.zero_grad(set_to_none=True)
         result = rule.compute_grads(net, x, d, state, generator=torch.Generator().manual_seed(seed))
         out.append((result, [p.grad.clone() for p in net.parameters()]))
@@ -172,6 +175,32 @@ def test_what_it_leaves_to_the_general_path(case, counted):
     except ValueError:
         pass  # the general path's own verdict on a target it cannot use
     assert counted == []
+
+
+@pytest.mark.parametrize("change", ["relaxation", "weight replaced", "bias replaced", "beta", "variant"])
+def test_the_prepared_step_follows_the_rule_and_the_network(change, counted, monkeypatch):
+    """What the compiled step prepares once (earlyprop.step_plan's plans) is remade when the rule or the network
+    changes between steps: the next step agrees with the general path, or is left to it where a new beta or
+    variant makes a nudge of the block solver concave."""
+    net = Network.layered(SMALL, "hard_sigmoid", dtype=torch.float64, bias_std=0.2, gain=1.5, seed=1)
+    x, d = data(SMALL)
+    rule = EquilibriumProp(0.5, "positive", Relaxation(method="async", free_steps=15, nudge_steps=6))
+    rule.compute_grads(net, x, d)
+    if change == "relaxation":
+        rule.relaxation = replace(rule.relaxation, method="euler", free_steps=5, nudge_steps=3)
+    elif change == "weight replaced":
+        net.interactions[1].weight = torch.nn.Parameter(net.interactions[1].weight.detach() * 0.5)
+    elif change == "bias replaced":
+        net.biases[1] = torch.nn.Parameter(net.bias(2).detach() + 0.3)
+    elif change == "beta":
+        rule.beta = -2.0  # 1 + beta' = -1
+    else:
+        rule.beta, rule.variant = 1.5, "centered"  # nu_1 = -1.5: 1 + beta' = -0.5
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    assert len(counted) == (1 if change in ("beta", "variant") else 2)
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state, slow.free_state)
+    assert fast.free_steps == slow.free_steps == (5 if change == "relaxation" else 15)
 
 
 def test_a_diverging_step_raises(counted):

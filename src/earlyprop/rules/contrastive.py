@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from earlyprop import native_step
+from earlyprop import step_plan
 from earlyprop.chain_layout import autocast_enabled
 from earlyprop.cost import Cost
 from earlyprop.interactions import Coupling, Dense, Lateral
@@ -56,8 +56,8 @@ class _Contrastive(LearningRule):
     def compute_grads(self, network: Network, x: Tensor, target: Tensor, state: Sequence[Tensor] | None = None,
                       generator: torch.Generator | None = None) -> StepResult:
         form = self._compiled_form()
-        if form is not None:  # the whole step in one compiled call where it applies (earlyprop.native_step)
-            compiled = native_step.compiled_step(self, network, x, target, state, generator, form=form)
+        if form is not None:  # the whole step in one compiled call where it applies (earlyprop.step_plan)
+            compiled = step_plan.compiled_step(self, network, x, target, state, generator, form=form)
             if compiled is not None:
                 return compiled
         if state is None:
@@ -79,7 +79,7 @@ class _Contrastive(LearningRule):
         return StepResult(free, value, self.predict_state(network, free, static), diagnostics.steps)
 
     def _compiled_form(self) -> str | None:
-        """The estimate ``native_step.compiled_step`` computes for this rule ("ep" or an STDP form), or None: the
+        """The estimate ``step_plan.compiled_step`` computes for this rule ("ep" or an STDP form), or None: the
         general path only."""
         return None
 

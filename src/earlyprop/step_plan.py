@@ -1,0 +1,204 @@
+"""The Python side of a contrastive rule's training step in one compiled call (:func:`earlyprop.native_step.ep_step`).
+
+:func:`compiled_step` is ``rule.compute_grads`` through the kernel, or None where the kernel does not apply (then the
+general path of ``relax`` runs; :mod:`earlyprop.native_step` says when it applies). A step is: check the input, the
+input's rate, the input drive (one MKL product), one kernel call, W_1's gradient (a second MKL product), and the
+gradients handed over as ``.grad``. Everything that depends only on the rule's relaxation, the estimate's form and
+the network's layout is prepared once (:class:`StepPlan`, kept with the :class:`~earlyprop.chain_layout.ChainLayout`
+in ``network.memo``): in place, right after the kernels and the products have filled the caches, every torch or
+Python operation costs 3-4 times its isolated time, and the Python of a step was ~400 us of config A's ~1.4 ms
+(BENCHMARKS.md, 2026-11-28 15:30).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from earlyprop import native, native_step
+from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.cost import SquaredError
+from earlyprop.dynamics import DivergenceError
+from earlyprop.native_step import ASYNC, EP, EULER, FORMS
+from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
+
+MAX_KEPT = 8  # plans per layout (relaxations x forms x betas), fixed nudges per plan: the oldest goes first
+
+
+class StepPlan:
+    """What :func:`compiled_step` prepares once per relaxation, estimate form, beta and chain layout: the kernel's
+    fixed arguments, where its outputs lie in one flat buffer per step, and the phase arrays of fixed nudges.
+
+    ``relax`` is a frozen dataclass, so the plan stays true for as long as the rule keeps the same object; the
+    layout's own key covers the network (weights' identity and storage, rates, batch size, threads)."""
+
+    def __init__(self, relax: Relaxation, layout: ChainLayout, form: int):
+        kernels, sizes, batch, n = layout.kernels, layout.sizes, layout.batch, layout.n
+        self.relax, self.layout, self.n = relax, layout, n  # (holding relax keeps its id, the plan's key, unique)
+        self.np_dtype = dtype = kernels.params.dtype
+        solver = EULER if relax.method == "euler" else ASYNC
+        self.fixed = (kernels.layout, kernels.params, kernels.weights, form, solver, dtype.type(relax.eps),
+                      dtype.type(relax.omega), nudge_factor(relax), relax.free_steps, relax.nudge_steps, relax.project,
+                      -1.0 if relax.tol is None else float(relax.tol), relax.check_every)
+        # one buffer per step for what the kernel writes besides the state, and the biases as (batch, n_k) fields:
+        # d_1, the biases' gradients, W_2..W_n's, the cost, the static fields of layers 2..n
+        self.shapes = [(batch * sizes[1],), *((sizes[k],) for k in range(1, n + 1)),
+                       *((sizes[k], sizes[k - 1]) for k in range(2, n + 1)), (batch,),
+                       *((batch, sizes[k]) for k in range(2, n + 1))]
+        self.bounds = np.cumsum([0, *(math.prod(shape) for shape in self.shapes)]).tolist()
+        self._fixed_nudges: dict = {}
+
+    def buffers(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """A fresh flat tensor and its parts (numpy views, shaped as :attr:`shapes`)."""
+        flat = torch.empty(self.bounds[-1], dtype=dtype)
+        array, b = flat.numpy(), self.bounds
+        return flat, [array[b[i]:b[i + 1]].reshape(shape) for i, shape in enumerate(self.shapes)]
+
+    def phase_arrays(self, nus: tuple, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`phase_arrays` of (nu_1, nu_2), made once per pair of floats (the kernel only reads them)."""
+        if any(isinstance(nu, Tensor) for nu in nus):
+            return phase_arrays(nus, batch, self.np_dtype)
+        arrays = self._fixed_nudges.get(nus)
+        if arrays is None:
+            _bounded(self._fixed_nudges)
+            arrays = self._fixed_nudges[nus] = phase_arrays(nus, batch, self.np_dtype)
+        return arrays
+
+
+def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generator=None, form: str = "ep"):
+    """``rule.compute_grads(network, x, target, state, generator)`` through :func:`earlyprop.native_step.ep_step`, or
+    None where it does not apply (decided before anything is drawn from ``generator`` or validated twice); the caller
+    then runs the general path. ``form``: ``"ep"`` for ``EquilibriumProp``, the form of an ``STDP`` rule."""
+    batch = (x if state is None else state[0]).shape[0]
+    found = _plan(rule, network, batch, target, FORMS[form])
+    if found is None:
+        return None
+    plan, weights = found
+    n, dtype = plan.n, weights[0].dtype
+    if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer is zeroed below
+        start = [*network.clamped_inputs(x), *[None] * n]
+    else:
+        network.check_state(state)
+        start = state
+    if any(t is not None and t.dtype != dtype for t in start):
+        return None
+    nus = rule.nudges(batch, generator, dtype, network.device)
+    betas, nudged, coef = plan.phase_arrays(nus, batch)
+    biases = [network.bias(k) for k in range(1, n + 1)]
+    with torch.no_grad():
+        input_rate = network.rhos[0].rho(start[0])  # rho(x), read by both products
+        drive = torch.addmm(biases[0], input_rate, weights[0].T)  # b_1 + rho(x) W_1^T: the first product
+        free = torch.zeros(plan.layout.length, dtype=dtype) if state is None else \
+            torch.empty(plan.layout.length, dtype=dtype)
+        views = plan.layout.views(free)
+        if state is not None:
+            for k in range(1, n + 1):
+                views[k].copy_(state[k])
+        flat, parts = plan.buffers(dtype)
+        input_scaled, bias_grads, weight_grads, cost = parts[0], parts[1:n + 1], parts[n + 1:2 * n], parts[2 * n]
+        statics = [drive.numpy()]
+        for bias, field in zip(biases[1:], parts[2 * n + 1:]):
+            field[:] = bias.detach().numpy()
+            statics.append(field)
+        prediction = torch.empty(batch, dtype=torch.int64)
+        status, steps = native_step.ep_step(free.numpy(), tuple(statics), target.detach().contiguous().numpy()
+                                            .reshape(-1), betas, nudged, *plan.fixed, coef, input_scaled,
+                                            tuple(bias_grads), tuple(weight_grads), prediction.numpy(), cost)
+        if status:
+            _diverged(status, steps, plan.relax, nus)
+        x = start[0].detach() if start[0].requires_grad else start[0]  # the input itself, as relax returns it
+        first = torch.mm(torch.from_numpy(input_scaled).view(batch, -1).T, input_rate)  # the second product
+    # views of one buffer as .grad: the weights' and biases' gradients, all of them (checked in _plan)
+    accumulate_grads([*weights, *biases], [first, *map(torch.from_numpy, weight_grads),
+                                           *map(torch.from_numpy, bias_grads)], owned=True)
+    return StepResult([x, *views[1:]], torch.from_numpy(cost), prediction, steps)
+
+
+def _plan(rule, network, batch: int, target: Tensor, form: int) -> tuple[StepPlan, list[Tensor]] | None:
+    """(the plan, W_1..W_n) when the compiled step applies to this rule, network and target, else None. Cheap checks
+    only: no device read, nothing drawn."""
+    relax = rule.relaxation
+    if (native.numba is None or type(relax) is not Relaxation or not relax.native
+            or type(rule.cost) is not SquaredError or autocast_enabled(target.device.type)):
+        return None
+    weights = dense_chain(network)
+    if (weights is None or weights[0].device.type != "cpu" or target.dtype != weights[0].dtype
+            or tuple(target.shape) != (batch, network.sizes[-1])):
+        return None
+    layout = ChainLayout.of(network, weights, batch, True)
+    if layout.kernels is None:
+        return None
+    key = (id(relax), form, rule.beta, rule.variant)
+    kept = layout.step_plans.get(key)
+    if kept is None:
+        _bounded(layout.step_plans)
+        plan = StepPlan(relax, layout, form) if _applies(rule, network, weights, form) else None
+        kept = layout.step_plans[key] = plan or _NoPlan(relax)
+    return (kept, weights) if isinstance(kept, StepPlan) else None
+
+
+class _NoPlan:
+    """A relaxation the compiled step does not apply to (remembered like a plan, with the same check)."""
+
+    def __init__(self, relax: Relaxation):
+        self.relax = relax
+
+
+def _applies(rule, network, weights: list[Tensor], form: int) -> bool:
+    """The checks that depend on the relaxation, the estimate and the network's parameters alone."""
+    relax = rule.relaxation
+    if (not (relax.tol is None or isinstance(relax.tol, int | float) and 0 <= relax.tol < math.inf)
+            or not isinstance(relax.check_every, int) or relax.check_every < 1
+            or relax.method not in ("euler", "async") or relax.nudge_scale not in ("eps", "none")
+            or not _plain_count(relax.free_steps) or not _plain_count(relax.nudge_steps)
+            or not isinstance(relax.eps, int | float) or not 0 < relax.eps < math.inf):
+        return False
+    if relax.method == "async" and form == EP:  # a concave nudge (1 + beta' <= 0): the general path's minimiser
+        # (the STDP rule's nudged phases are Euler steps whatever solved the free phase)
+        b = rule.beta
+        betas = {"positive": (b,), "negative": (-b,)}.get(rule.variant, (b, -b))
+        if any(1.0 + nudge_factor(relax) * beta <= 0 for beta in betas):
+            return False
+    # the step hands over gradients for the weights and biases only: they must be all of the parameters
+    covered = {id(w) for w in weights} | {id(network.bias(k)) for k in range(1, len(weights) + 1)}
+    return covered == {id(p) for p in network.parameters()}
+
+
+def phase_arrays(nus, batch: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's view of (nu_1, nu_2), floats or per-example tensors: the betas per example, (2, batch); which
+    phases are nudged (a zero phase is the free state itself); and the estimate's -w / B per example,
+    w = 1 / (nu_2 - nu_1)."""
+    betas = np.empty((2, batch), dtype=dtype)
+    for p, nu in enumerate(nus):
+        betas[p] = nu.detach().numpy() if isinstance(nu, Tensor) else nu
+    nudged = np.array([isinstance(nu, Tensor) or nu != 0.0 for nu in nus])
+    spread = nus[1] - nus[0]
+    coef = np.empty(batch, dtype=dtype)
+    coef[:] = (-1.0 / spread / batch).detach().numpy() if isinstance(spread, Tensor) else -1.0 / spread / batch
+    return betas, nudged, coef
+
+
+def nudge_factor(relax: Relaxation) -> float:
+    """beta' / beta (BF-9, THEORY A1): the Euler nudge's k = c beta / eps and the block minimiser's a = 1 + beta'."""
+    return 1.0 if relax.nudge_scale == "eps" else 1.0 / relax.eps
+
+
+def _bounded(kept: dict) -> None:
+    while len(kept) >= MAX_KEPT:
+        del kept[next(iter(kept))]
+
+
+def _plain_count(steps) -> bool:
+    return isinstance(steps, int) and steps >= 0
+
+
+def _diverged(status: int, steps: int, relax: Relaxation, nus) -> None:
+    phase = "free" if status == 1 else "nudged"
+    beta = nus[status - 2] if status > 1 else 0.0
+    beta_text = "per-example" if isinstance(beta, Tensor) else f"{beta:g}"
+    raise DivergenceError(
+        f"relaxation diverged: non-finite state by step {steps} of the {phase} phase (eps={relax.eps:g}, "
+        f"beta={beta_text}); reduce eps (stable when eps < 2/lambda_max(H)) or beta")
