@@ -43,16 +43,17 @@ class StepPlan:
         self.fixed = (kernels.layout, kernels.params, kernels.weights, form, solver, dtype.type(relax.eps),
                       dtype.type(relax.omega), nudge_factor(relax), relax.free_steps, relax.nudge_steps, relax.project,
                       -1.0 if relax.tol is None else float(relax.tol), relax.check_every)
-        # one buffer per step for what the kernel writes besides the state, and the biases as (batch, n_k) fields:
-        # d_1, the biases' gradients, W_2..W_n's, the cost, the static fields of layers 2..n
-        self.shapes = [(batch * sizes[1],), *((sizes[k],) for k in range(1, n + 1)),
+        # one buffer per step for the state and what the kernel writes besides it, and the biases as (batch, n_k)
+        # fields: the state, d_1, the biases' gradients, W_2..W_n's, the cost, the static fields of layers 2..n
+        self.shapes = [(layout.length,), (batch * sizes[1],), *((sizes[k],) for k in range(1, n + 1)),
                        *((sizes[k], sizes[k - 1]) for k in range(2, n + 1)), (batch,),
                        *((batch, sizes[k]) for k in range(2, n + 1))]
         self.bounds = np.cumsum([0, *(math.prod(shape) for shape in self.shapes)]).tolist()
         self._fixed_nudges: dict = {}
 
     def buffers(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """A fresh flat tensor and its parts (numpy views, shaped as :attr:`shapes`)."""
+        """A fresh flat tensor, the state first (:meth:`ChainLayout.views` of the tensor are the state's layers), and
+        its parts (numpy views, shaped as :attr:`shapes`)."""
         flat = torch.empty(self.bounds[-1], dtype=dtype)
         array, b = flat.numpy(), self.bounds
         return flat, [array[b[i]:b[i + 1]].reshape(shape) for i, shape in enumerate(self.shapes)]
@@ -78,7 +79,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
         return None
     plan, weights = found
     n, dtype = plan.n, weights[0].dtype
-    if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer is zeroed below
+    if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer's is zeroed below
         start = [*network.clamped_inputs(x), *[None] * n]
     else:
         network.check_state(state)
@@ -91,20 +92,20 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     with torch.no_grad():
         input_rate = network.rhos[0].rho(start[0])  # rho(x), read by both products
         drive = torch.addmm(biases[0], input_rate, weights[0].T)  # b_1 + rho(x) W_1^T: the first product
-        free = torch.zeros(plan.layout.length, dtype=dtype) if state is None else \
-            torch.empty(plan.layout.length, dtype=dtype)
-        views = plan.layout.views(free)
-        if state is not None:
+        flat, parts = plan.buffers(dtype)
+        free, views = parts[0], plan.layout.views(flat)
+        if state is None:
+            free[:] = 0.0
+        else:
             for k in range(1, n + 1):
                 views[k].copy_(state[k])
-        flat, parts = plan.buffers(dtype)
-        input_scaled, bias_grads, weight_grads, cost = parts[0], parts[1:n + 1], parts[n + 1:2 * n], parts[2 * n]
-        statics = [drive.numpy()]
-        for bias, field in zip(biases[1:], parts[2 * n + 1:]):
+        input_scaled, bias_grads, weight_grads = parts[1], parts[2:n + 2], parts[n + 2:2 * n + 1]
+        cost, statics = parts[2 * n + 1], [drive.numpy()]
+        for bias, field in zip(biases[1:], parts[2 * n + 2:]):
             field[:] = bias.detach().numpy()
             statics.append(field)
         prediction = torch.empty(batch, dtype=torch.int64)
-        status, steps = native_step.ep_step(free.numpy(), tuple(statics), target.detach().contiguous().numpy()
+        status, steps = native_step.ep_step(free, tuple(statics), target.detach().contiguous().numpy()
                                             .reshape(-1), betas, nudged, *plan.fixed, coef, input_scaled,
                                             tuple(bias_grads), tuple(weight_grads), prediction.numpy(), cost)
         if status:
