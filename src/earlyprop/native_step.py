@@ -27,7 +27,20 @@ import math
 
 import numpy as np
 
-from earlyprop.native import SIZE, START, _copy, _fields, _jit, block_sweeps, euler_steps, fill_all_rates
+from earlyprop.native import (
+    HARD,
+    LINEAR,
+    SIZE,
+    START,
+    _clip,
+    _copy,
+    _fields,
+    _jit,
+    _smooth_rates,
+    block_sweeps,
+    euler_steps,
+    fill_all_rates,
+)
 
 EULER, ASYNC = 0, 1
 EP, PLAIN, XIE_SEUNG, TIED = 0, 1, 2, 3  # the estimate: EP's, or the STDP rule's form (BF-17)
@@ -43,6 +56,24 @@ def _finite(s) -> bool:
         if not math.isfinite(s[i]):
             return False
     return True
+
+
+@_jit
+def input_rates(x, r, kind, lo, hi, gain, shift) -> bool:
+    """rho(x) of the clamped input into ``r`` (both flat) by the kernels' rates (a ``native.KINDS`` kind and
+    ``native._params``); whether every x is finite, the input's check in the same call (inf * 0 is NaN: the sum is
+    0 exactly when all are finite, one vectorised pass)."""
+    if kind == HARD:
+        for i in range(x.shape[0]):
+            r[i] = _clip(x[i], lo, hi)
+    elif kind == LINEAR:
+        _copy(x, r)
+    else:
+        _smooth_rates(x, r, np.empty_like(x), kind, gain, shift)
+    total = zero = x.dtype.type(0.0)
+    for i in range(x.shape[0]):
+        total += x[i] * zero
+    return total == zero
 
 
 @_jit(inline="always")

@@ -138,14 +138,14 @@ class Network(nn.Module):
             state[layer] = torch.zeros(xs[0].shape[0], self.sizes[layer], dtype=self.dtype, device=self.device)
         return state
 
-    def clamped_inputs(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
-        """The input(s) of :meth:`init_state`, checked (count, shapes, batch sizes, finite values) and in the
-        network's dtype, one per clamped layer."""
+    def clamped_inputs(self, x: Tensor | Sequence[Tensor], values: bool = True) -> list[Tensor]:
+        """The input(s) of :meth:`init_state`, checked (count, shapes, batch sizes, and with ``values`` finite
+        values) and in the network's dtype, one per clamped layer."""
         xs = [x] if isinstance(x, Tensor) else list(x)
         if len(xs) != len(self.clamped):
             raise ValueError(f"expected {len(self.clamped)} clamped input tensor(s), got {len(xs)}")
         for layer, xi in zip(self.clamped, xs):
-            self._check_layer_tensor(xi, layer, "input")
+            self._check_layer_tensor(xi, layer, "input", values)
             if xi.shape[0] != xs[0].shape[0]:
                 raise ValueError("all clamped inputs must have the same batch size")
         return [xi.to(self.dtype) for xi in xs]

@@ -50,6 +50,9 @@ class StepPlan:
                        *((batch, sizes[k]) for k in range(2, n + 1))]
         self.bounds = np.cumsum([0, *(math.prod(shape) for shape in self.shapes)]).tolist()
         self._fixed_nudges: dict = {}
+        rho = layout.rhos[0]  # the input's rate by a kernel where it has one (and its check in the same pass)
+        self.input_rate = (native.KINDS[type(rho)], *map(dtype.type, native._params(rho))) \
+            if type(rho) in native.KINDS else None
 
     def buffers(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
         """A fresh flat tensor, the state first (:meth:`ChainLayout.views` of the tensor are the state's layers), and
@@ -80,7 +83,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     plan, weights = found
     n, dtype = plan.n, weights[0].dtype
     if state is None:  # the rest state s = 0 (init_state) without its zero tensors: the buffer's is zeroed below
-        start = [*network.clamped_inputs(x), *[None] * n]
+        start = [*network.clamped_inputs(x, values=plan.input_rate is None), *[None] * n]
     else:
         network.check_state(state)
         start = state
@@ -90,7 +93,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     betas, nudged, coef = plan.phase_arrays(nus, batch)
     biases = [network.bias(k) for k in range(1, n + 1)]
     with torch.no_grad():
-        input_rate = network.rhos[0].rho(start[0])  # rho(x), read by both products
+        input_rate = _input_rate(plan, network, start[0])  # rho(x), read by both products
         drive = torch.addmm(biases[0], input_rate, weights[0].T)  # b_1 + rho(x) W_1^T: the first product
         flat, parts = plan.buffers(dtype)
         free, views = parts[0], plan.layout.views(flat)
@@ -116,6 +119,18 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     accumulate_grads([*weights, *biases], [first, *map(torch.from_numpy, weight_grads),
                                            *map(torch.from_numpy, bias_grads)], owned=True)
     return StepResult([x, *views[1:]], torch.from_numpy(cost), prediction, steps)
+
+
+def _input_rate(plan: StepPlan, network, x: Tensor) -> Tensor:
+    """rho(x), by :func:`earlyprop.native_step.input_rates` where the plan has the input's kind (a non-finite x then
+    gets ``clamped_inputs``' ValueError), else by the network's rate."""
+    if plan.input_rate is None:
+        return network.rhos[0].rho(x)
+    source = x.detach().contiguous()
+    rate = torch.empty_like(source)
+    if not native_step.input_rates(source.view(-1).numpy(), rate.view(-1).numpy(), *plan.input_rate):
+        network.clamped_inputs(x)
+    return rate
 
 
 def _plan(rule, network, batch: int, target: Tensor, form: int) -> tuple[StepPlan, list[Tensor]] | None:

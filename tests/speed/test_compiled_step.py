@@ -8,6 +8,7 @@ switched off), and compares the gradients, the free state, the prediction and th
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -18,7 +19,7 @@ import earlyprop.native_step as native_step
 import earlyprop.step_plan as step_plan
 from earlyprop.dynamics import DivergenceError
 from earlyprop.network import Network
-from earlyprop.nonlinearity import Sigmoid
+from earlyprop.nonlinearity import Nonlinearity, Sigmoid
 from earlyprop.rules import STDP, STDP_FORMS, EquilibriumProp, Relaxation
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled kernels here "
@@ -201,6 +202,35 @@ def test_the_prepared_step_follows_the_rule_and_the_network(change, counted, mon
     assert_close(fast_grads, slow_grads)
     assert_close(fast.free_state, slow.free_state)
     assert fast.free_steps == slow.free_steps == (5 if change == "relaxation" else 15)
+
+
+SOFTPLUS = Nonlinearity.from_callables(torch.nn.functional.softplus, torch.sigmoid, name="softplus")
+
+
+@pytest.mark.parametrize("input_rho", ["hard_sigmoid", "linear", Sigmoid(4.0, 0.5), "tanh", SOFTPLUS])
+def test_the_inputs_rate_of_each_kind(input_rho, counted, monkeypatch):
+    """The input's rate, by the kernels' rates (native_step.input_rates) for their four kinds and by the rate's own
+    torch code for any other, on inputs on both sides of the hard sigmoid's bounds."""
+    net = Network.layered(SMALL, "hard_sigmoid", input_rho=input_rho, dtype=torch.float64, bias_std=0.2, gain=1.5,
+                          seed=1)
+    x, d = data(SMALL)
+    rule = EquilibriumProp(0.5, "centered", Relaxation(eps=0.5, free_steps=15, nudge_steps=6))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, 2.0 * x - 0.5, d, monkeypatch=monkeypatch)
+    assert len(counted) == 1
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state, slow.free_state)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("input_rho", ["hard_sigmoid", Sigmoid(4.0, 0.5), SOFTPLUS])
+def test_a_non_finite_input_gets_the_general_paths_error(value, input_rho, counted):
+    """An input the hard sigmoid would clip to a finite rate (inf) is refused all the same, before the kernel runs."""
+    net = Network.layered(SMALL, "hard_sigmoid", input_rho=input_rho, dtype=torch.float64, seed=0)
+    x, d = data(SMALL)
+    x[2, 1] = value
+    with pytest.raises(ValueError, match="input of layer 0 contains NaN or inf"):
+        EquilibriumProp(0.5, "positive", Relaxation()).compute_grads(net, x, d)
+    assert counted == []
 
 
 def test_a_diverging_step_raises(counted):
