@@ -157,7 +157,8 @@ def _plan(rule, network, batch: int, target: Tensor, form: int) -> tuple[StepPla
 
 
 class _NoPlan:
-    """A relaxation the compiled step does not apply to (remembered like a plan, with the same check)."""
+    """A relaxation the compiled step does not apply to, remembered like a plan (holding the relaxation, so that the
+    key's id of it stays its own while the verdict is kept)."""
 
     def __init__(self, relax: Relaxation):
         self.relax = relax
