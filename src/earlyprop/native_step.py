@@ -23,8 +23,6 @@ taken reported). The Python around the call, and the decision, is :mod:`earlypro
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from earlyprop.native import (
@@ -52,17 +50,18 @@ YES, NO, ONE = np.bool_(True), np.bool_(False), np.int64(1)
 
 @_jit(inline="always")
 def _finite(s) -> bool:
+    """Whether every s is finite: inf * 0 is NaN, so the sum of s * 0 is 0 exactly when all are (one vectorised
+    pass, no early exit to stop it)."""
+    total = zero = s.dtype.type(0.0)
     for i in range(s.shape[0]):
-        if not math.isfinite(s[i]):
-            return False
-    return True
+        total += s[i] * zero
+    return total == zero
 
 
 @_jit
 def input_rates(x, r, kind, lo, hi, gain, shift) -> bool:
     """rho(x) of the clamped input into ``r`` (both flat) by the kernels' rates (a ``native.KINDS`` kind and
-    ``native._params``); whether every x is finite, the input's check in the same call (inf * 0 is NaN: the sum is
-    0 exactly when all are finite, one vectorised pass)."""
+    ``native._params``); whether every x is finite, the input's check in the same call."""
     if kind == HARD:
         for i in range(x.shape[0]):
             r[i] = _clip(x[i], lo, hi)
@@ -70,10 +69,7 @@ def input_rates(x, r, kind, lo, hi, gain, shift) -> bool:
         _copy(x, r)
     else:
         _smooth_rates(x, r, np.empty_like(x), kind, gain, shift)
-    total = zero = x.dtype.type(0.0)
-    for i in range(x.shape[0]):
-        total += x[i] * zero
-    return total == zero
+    return _finite(x)
 
 
 @_jit(inline="always")
