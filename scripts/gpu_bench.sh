@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Issue 4's GPU check, in one go: `earlyprop bench` configs A,B,C,D and the GPU config G (784-1024-1024-10,
-# batch 256, 20 + 4 Euler steps, one-sided EP) on CUDA, a host-sync check of the relaxation on the device,
-# G with TF32, and configs A-D on this machine's CPU (1 thread) for comparison. About 1-2 minutes on an H100.
+# Issue 4's GPU check, in one go: (0) the same EP steps in float64 on CPU and GPU (scripts/gpu_agree.py), (1)
+# `earlyprop bench` configs A,B,C,D and the GPU config G (784-1024-1024-10, batch 256, 20 + 4 Euler steps, one-sided
+# EP) on CUDA, (2) a host-sync check of the relaxation on the device, (3) G with TF32, (3b) the conv configs M, N,
+# (4) configs A-D on this machine's CPU (1 thread) for comparison, (5) the README's main job (digits) on CUDA.
 #
 # Run from anywhere (it cd's to the repository root); needs python3 >= 3.10 with torch (CUDA build), nothing
-# else (no pip install; numpy, scikit-learn, matplotlib are not needed):
+# else (no pip install; numpy, scikit-learn, matplotlib are not needed but for step 5):
 #   OUT=/some/folder bash scripts/gpu_bench.sh
-# Outputs in $OUT (default ${TMPDIR:-/tmp}/gpu_bench_out): bench_cuda.json, bench_cuda.txt (the table),
-# sync_check.txt/.json, bench_cuda_G_tf32.json/.txt, bench_cpu_here.json/.txt, nvidia-smi.txt, env.txt,
-# summary.txt (rc and seconds of every step; a step's stderr, if any, beside its output as *.stderr).
+# Outputs in $OUT (default ${TMPDIR:-/tmp}/gpu_bench_out): agree.txt/.json, bench_cuda.json, bench_cuda.txt (the
+# table), sync_check.txt/.json, bench_cuda_G_tf32.json/.txt, bench_cuda_M.*, bench_cpu_here.json/.txt, train_cuda.txt,
+# nvidia-smi.txt, env.txt, summary.txt (rc and seconds of every step; a step's stderr, if any, beside its output as
+# *.stderr). Each step has a time limit, and a step that would start past DEADLINE seconds (default 420) is skipped.
 # Without a GPU it falls back to the CPU with 2 timed batches per config (a dry run of the
-# script itself: bench_cpu.json/.txt). Overrides: DEVICE=cpu|cuda, REPEATS=N (all configs), PYTHON=python3.
+# script itself: bench_cpu.json/.txt). Overrides: DEVICE=cpu|cuda, REPEATS=N (all configs), PYTHON=python3,
+# DEADLINE=seconds.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-${TMPDIR:-/tmp}/gpu_bench_out}"
@@ -20,9 +23,15 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
+DEADLINE="${DEADLINE:-420}"
 step() {  # step NAME TIMEOUT_S STDOUT_FILE COMMAND...: run with a time limit, log rc and seconds
     local name=$1 limit=$2 dest=$3 start=$SECONDS rc
     shift 3
+    if [ $((SECONDS + 10)) -ge "$DEADLINE" ]; then
+        echo "$name skipped: past the deadline (${SECONDS}s of ${DEADLINE}s)" | tee -a "$SUMMARY" >&2
+        return 124
+    fi
+    [ $((SECONDS + limit)) -le "$DEADLINE" ] || limit=$((DEADLINE - SECONDS))
     echo "== $name: $*" >&2
     timeout --kill-after=10 "$limit" "$@" > "$dest" 2> "$dest.stderr"
     rc=$?
@@ -54,6 +63,11 @@ fi
 REP=(${REPEATS:+--repeats "$REPEATS"})  # expanded as ${REP[@]+"${REP[@]}"}: empty arrays under set -u
 BENCH=("$PY" -m earlyprop bench --device "$DEVICE")
 
+# 0. the same EP steps on the CPU and the device, float64 (exits 1 if a relative difference is above 1e-9)
+if [ "$DEVICE" = cuda ]; then
+    step "agree cpu/cuda float64" 90 "$OUT/agree.txt" "$PY" scripts/gpu_agree.py cuda "$OUT/agree.json"
+fi
+
 # 1. the main run: A,B,C,D,G interleaved in one process (ratios from one run); the table on stdout
 step "bench $DEVICE A,B,C,D,G" 150 "$OUT/bench_$DEVICE.txt" "${BENCH[@]}" --configs A,B,C,D,G ${REP[@]+"${REP[@]}"} \
     --json-out "$OUT/bench_$DEVICE.json"
@@ -61,7 +75,6 @@ main=$?
 if [ $main -ne 0 ] && [ $main -ne 124 ] && [ $main -ne 137 ]; then
     # it failed fast: one process per config, so whatever works still comes back
     for cfg in G A B C D; do
-        [ $SECONDS -lt 120 ] || break
         step "bench $DEVICE $cfg alone" 30 "$OUT/bench_${DEVICE}_$cfg.txt" "${BENCH[@]}" --configs "$cfg" \
             ${REP[@]+"${REP[@]}"} --json-out "$OUT/bench_${DEVICE}_$cfg.json"
     done
@@ -124,20 +137,18 @@ print("all ok:", all(r["ok"] for r in out.values()))
 EOF
 
 # 3. G with TF32 matmuls (the default run above is plain fp32)
-if [ $SECONDS -lt 170 ]; then
-    step "bench cuda G --tf32" 40 "$OUT/bench_cuda_G_tf32.txt" "${BENCH[@]}" --configs G --tf32 ${REP[@]+"${REP[@]}"} \
-        --json-out "$OUT/bench_cuda_G_tf32.json"
-fi
+step "bench cuda G --tf32" 40 "$OUT/bench_cuda_G_tf32.txt" "${BENCH[@]}" --configs G --tf32 ${REP[@]+"${REP[@]}"} \
+    --json-out "$OUT/bench_cuda_G_tf32.json"
 
 # 3b. issue 6's conv benchmark (configs/mnist-conv.toml's net, batch 64, centered EP; N: the async relaxation)
-if [ $SECONDS -lt 180 ]; then
-    step "bench cuda M,N (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M,N ${REP[@]+"${REP[@]}"} \
-        --json-out "$OUT/bench_cuda_M.json"
-fi
+step "bench cuda M,N (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M,N ${REP[@]+"${REP[@]}"} \
+    --json-out "$OUT/bench_cuda_M.json"
 
-# 4. this machine's CPU, 1 thread (a quiet host, unlike the shared development VM)
-if [ $SECONDS -lt 150 ]; then
-    step "bench cpu A,B,C,D" 60 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench --device cpu \
-        --configs A,B,C,D --json-out "$OUT/bench_cpu_here.json"
-fi
+# 4. this machine's CPU, 1 thread (a quiet host, unlike the shared development VM); the first calls compile the
+#    kernels (numba), which the warm-up batches absorb
+step "bench cpu A,B,C,D" 90 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench --device cpu \
+    --configs A,B,C,D --json-out "$OUT/bench_cpu_here.json"
+
+# 5. the README's main job on the device: digits, the seed's STDP rule, then backprop
+step "train digits cuda" 90 "$OUT/train_cuda.txt" "$PY" -m earlyprop train --device cuda --no-progress
 echo "total seconds=$SECONDS" | tee -a "$SUMMARY" >&2
