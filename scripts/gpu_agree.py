@@ -3,14 +3,14 @@
 For each case (configs A, B, C and D's phases on smaller nets, a conv net, one with a tolerance-stopped relaxation)
 it builds one network, copies it to the device, runs ``rule.compute_grads`` on the same batch on both, and prints the
 largest relative difference of every parameter's gradient; then trains a copy on each for a few SGD batches and
-prints the largest relative difference of the weights after them. Exits 1 if any difference is above ``TOL``.
+prints the largest relative difference of the weights after them; on the device once as it is and once with
+``Relaxation(cuda_graphs=True)``. Exits 1 if any difference is above ``TOL``.
 
     python scripts/gpu_agree.py [DEVICE] [JSON_OUT]      # DEVICE defaults to cuda (cpu: a dry run of the script)
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -75,16 +75,20 @@ def main() -> int:
                     torch.nn.functional.one_hot(torch.randint(0, 10, (batch,), generator=gen), 10).double())
                    for _ in range(6)]
         cpu_net = build(spec, rho)
-        dev_net = copy.deepcopy(cpu_net).to(device)
         x, y = batches[0]
-        g_cpu, g_dev = grads(cpu_net, rule, x, y), grads(dev_net, rule, x.to(device), y.to(device))
-        grad_diff = max(rel(d, c) for d, c in zip(g_dev, g_cpu))
-        w_cpu, w_dev = trained(cpu_net, rule, batches, torch.device("cpu")), trained(dev_net, rule, batches, device)
-        weight_diff = max(rel(d, c) for d, c in zip(w_dev, w_cpu))
-        report[name] = {"grad_rel_diff": grad_diff, "weights_after_6_sgd_batches_rel_diff": weight_diff,
-                        "grad_max_abs": max(float(g.abs().max()) for g in g_cpu)}
-        worst = max(worst, grad_diff, weight_diff)
-        print(f"{name:<34} grads {grad_diff:.2e}  weights after 6 SGD batches {weight_diff:.2e}", flush=True)
+        g_cpu = grads(cpu_net, rule, x, y)
+        w_cpu = trained(cpu_net, rule, batches, torch.device("cpu"))
+        for graphs in (False, True):
+            dev_rule = EquilibriumProp(0.5, variant, Relaxation(cuda_graphs=graphs, **settings))
+            dev_net = build(spec, rho).to(device)
+            g_dev = grads(dev_net, dev_rule, x.to(device), y.to(device))
+            grad_diff = max(rel(d, c) for d, c in zip(g_dev, g_cpu))
+            weight_diff = max(rel(d, c) for d, c in zip(trained(dev_net, dev_rule, batches, device), w_cpu))
+            label = f"{name}{' +graphs' if graphs else ''}"
+            report[label] = {"grad_rel_diff": grad_diff, "weights_after_6_sgd_batches_rel_diff": weight_diff,
+                             "grad_max_abs": max(float(g.abs().max()) for g in g_cpu)}
+            worst = max(worst, grad_diff, weight_diff)
+            print(f"{label:<42} grads {grad_diff:.2e}  weights after 6 SGD batches {weight_diff:.2e}", flush=True)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}: worst relative difference {worst:.2e} (tolerance {TOL:g})")
     if len(sys.argv) > 2:

@@ -24,9 +24,11 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 DEADLINE="${DEADLINE:-420}"
+ONLY="${ONLY:-agree,tests,bench,sync,tf32,conv,cpu,train}"
 step() {  # step NAME TIMEOUT_S STDOUT_FILE COMMAND...: run with a time limit, log rc and seconds
     local name=$1 limit=$2 dest=$3 start=$SECONDS rc
     shift 3
+    case ",$ONLY," in *",${name%% *},"*) ;; *) echo "$name skipped: not in ONLY=$ONLY" >> "$SUMMARY"; return 0;; esac
     if [ $((SECONDS + 10)) -ge "$DEADLINE" ]; then
         echo "$name skipped: past the deadline (${SECONDS}s of ${DEADLINE}s)" | tee -a "$SUMMARY" >&2
         return 124
@@ -65,7 +67,9 @@ BENCH=("$PY" -m earlyprop bench --device "$DEVICE")
 
 # 0. the same EP steps on the CPU and the device, float64 (exits 1 if a relative difference is above 1e-9)
 if [ "$DEVICE" = cuda ]; then
-    step "agree cpu/cuda float64" 90 "$OUT/agree.txt" "$PY" scripts/gpu_agree.py cuda "$OUT/agree.json"
+    step "agree cpu/cuda float64" 120 "$OUT/agree.txt" "$PY" scripts/gpu_agree.py cuda "$OUT/agree.json"
+    # the suite's GPU tests (CUDA graphs against the plain step); the rest of the suite is the CPU's
+    step "tests cuda" 90 "$OUT/tests_cuda.txt" "$PY" -m pytest -q -p no:cacheprovider tests/speed/test_cuda_graphs.py
 fi
 
 # 1. the main run: A,B,C,D,G interleaved in one process (ratios from one run); the table on stdout
@@ -83,7 +87,7 @@ fi
 
 # 2. host syncs on the device: CUDA's sync debug mode warns at every synchronising call; their count must
 #    grow with the number of checks (check_every), not with the number of steps
-step "sync check" 50 "$OUT/sync_check.txt" "$PY" - "$OUT/sync_check.json" <<'EOF'
+step "sync check" 60 "$OUT/sync_check.txt" "$PY" - "$OUT/sync_check.json" <<'EOF'
 import json, sys, warnings
 import torch
 torch.set_num_threads(1)
@@ -105,11 +109,11 @@ def syncs(fn):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 out = {}
-for name in ("G", "A", "B", "C"):
+for name, graphs in [(n, g) for n in ("G", "A", "B", "C") for g in (False, True)]:
     cfg = CONFIGS[name]
     net, rule = build_ep(cfg, dev)
     x, y = random_batches(cfg, dev, count=1)[0]
-    kw = dict(eps=cfg.eps, project=cfg.project, nudge_scale=cfg.nudge_scale, method=cfg.method)
+    kw = dict(eps=cfg.eps, project=cfg.project, nudge_scale=cfg.nudge_scale, method=cfg.method, cuda_graphs=graphs)
     def phase(steps, check_every, **more):
         return lambda: relax(net, net.init_state(x), steps=steps, check_every=check_every, **kw, **more)
     row = {f"free steps={s} check_every={c}": syncs(phase(s, c)) for s, c in ((10, 10), (20, 10), (50, 10), (5, 1000),
@@ -118,7 +122,8 @@ for name in ("G", "A", "B", "C"):
                 for s, c in ((10, 10), (50, 10), (5, 1000), (50, 1000))})
     def batch(free, nudged):
         r = EquilibriumProp(cfg.beta, cfg.variant, Relaxation(eps=cfg.eps, free_steps=free, nudge_steps=nudged,
-                            project=cfg.project, nudge_scale=cfg.nudge_scale, method=cfg.method, check_every=1000))
+                            project=cfg.project, nudge_scale=cfg.nudge_scale, method=cfg.method, check_every=1000,
+                            cuda_graphs=graphs))
         def f():
             for p in net.parameters():
                 p.grad = None
@@ -130,6 +135,7 @@ for name in ("G", "A", "B", "C"):
     per_check = v[1] - v[0]
     row["ok"] = bool(per_check <= 1 and v[2] == v[0] + 4 * per_check and v[3] == v[4] and v[7] == v[8]
                      and v[9] == v[10])
+    name = f"{name} cuda_graphs" if graphs else name
     out[name] = row
     print(name, json.dumps(row, indent=1), flush=True)
 json.dump(out, open(sys.argv[1], "w"), indent=1)
@@ -137,18 +143,20 @@ print("all ok:", all(r["ok"] for r in out.values()))
 EOF
 
 # 3. G with TF32 matmuls (the default run above is plain fp32)
-step "bench cuda G --tf32" 40 "$OUT/bench_cuda_G_tf32.txt" "${BENCH[@]}" --configs G --tf32 ${REP[@]+"${REP[@]}"} \
+step "tf32 bench cuda G" 40 "$OUT/bench_cuda_G_tf32.txt" "${BENCH[@]}" --configs G --tf32 ${REP[@]+"${REP[@]}"} \
     --json-out "$OUT/bench_cuda_G_tf32.json"
 
 # 3b. issue 6's conv benchmark (configs/mnist-conv.toml's net, batch 64, centered EP; N: the async relaxation)
-step "bench cuda M,N (conv)" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M,N ${REP[@]+"${REP[@]}"} \
+step "conv bench cuda M,N" 60 "$OUT/bench_cuda_M.txt" "${BENCH[@]}" --configs M,N ${REP[@]+"${REP[@]}"} \
     --json-out "$OUT/bench_cuda_M.json"
 
 # 4. this machine's CPU, 1 thread (a quiet host, unlike the shared development VM); the first calls compile the
 #    kernels (numba), which the warm-up batches absorb
-step "bench cpu A,B,C,D" 90 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench --device cpu \
+step "cpu bench A,B,C,D" 90 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench --device cpu \
     --configs A,B,C,D --json-out "$OUT/bench_cpu_here.json"
 
 # 5. the README's main job on the device: digits, the seed's STDP rule, then backprop
 step "train digits cuda" 90 "$OUT/train_cuda.txt" "$PY" -m earlyprop train --device cuda --no-progress
+step "train digits cuda graphs" 90 "$OUT/train_cuda_graphs.txt" "$PY" -m earlyprop train --device cuda --no-progress \
+    --cuda-graphs
 echo "total seconds=$SECONDS" | tee -a "$SUMMARY" >&2

@@ -124,23 +124,22 @@ def make_cnn(cfg: BenchConfig) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def torch_loops_rule(rule: LearningRule) -> LearningRule:
-    """``rule`` with its phases in the torch loops (``Relaxation.native`` off)."""
+def relaxation_twin(rule: LearningRule, **changes) -> LearningRule:
+    """``rule`` with its relaxation's settings changed: ``native=False`` (the torch loops), ``cuda_graphs=True``."""
     import copy
 
     twin = copy.copy(rule)
-    twin.relaxation = replace(rule.relaxation, native=False)
+    twin.relaxation = replace(rule.relaxation, **changes)
     return twin
 
 
-def runs_compiled(net: Network, x: torch.Tensor) -> bool:
-    """Whether relax runs ``net``'s phases in the compiled kernels (earlyprop.native) for inputs like ``x``."""
+def lean_chain(net: Network, x: torch.Tensor):
+    """The lean chain relax would run ``net``'s phases in for inputs like ``x`` (None: the general loop)."""
     from earlyprop.chain import Chain
 
     with torch.no_grad():
         state = net.init_state(x)
-        chain = Chain.of(net, state, net.static_fields(state))
-    return chain is not None and chain.native is not None
+        return Chain.of(net, state, net.static_fields(state))
 
 
 def random_batches(cfg: BenchConfig, device: torch.device, count: int = 8, seed: int = 1) -> list:
@@ -164,9 +163,13 @@ class Runner:
         self.cfg, self.device = cfg, device
         self.batches = random_batches(cfg, device)
         self.net, self.rule = build_ep(cfg, device)
-        # where the compiled kernels run this config's phases, the torch loops too, for their speedup in this run
-        self.torch_rule = torch_loops_rule(self.rule) if runs_compiled(self.net, self.batches[0][0]) else None
+        # where the compiled kernels run this config's phases, the torch loops too, for their speedup in this run;
+        # on CUDA, where the lean chain runs, the same step with CUDA graphs
+        chain = lean_chain(self.net, self.batches[0][0])
+        self.torch_rule = relaxation_twin(self.rule, native=False) if chain and chain.native else None
+        self.graphs_rule = relaxation_twin(self.rule, cuda_graphs=True) if chain and device.type == "cuda" else None
         self.torch_ms: list[float] = []
+        self.graphs_ms: list[float] = []
         self.replica = build_replica(cfg, self.net) if replica else None
         self.replica_ms: list[float] = []
         self.mlp = make_mlp(cfg.sizes, device, cfg=cfg)
@@ -199,6 +202,9 @@ class Runner:
     def torch_step(self) -> None:
         self.torch_rule.compute_grads(self.net, *self._batch())
 
+    def graphs_step(self) -> None:
+        self.graphs_rule.compute_grads(self.net, *self._batch())
+
     def replica_step(self) -> None:
         self.replica.compute_grads(*self._batch())
 
@@ -208,18 +214,23 @@ class Runner:
         self.bp_grads_only += time_calls(self.bp_grads, count, warmup, self.device)
         if self.torch_rule is not None:
             self.torch_ms += time_calls(self.torch_step, count, warmup, self.device, reset=self.zero)
+        if self.graphs_rule is not None:
+            self.graphs_ms += time_calls(self.graphs_step, count, warmup, self.device, reset=self.zero)
         if self.replica is not None:
             self.replica_ms += time_calls(self.replica_step, count, warmup, self.device, reset=self.zero)
 
     def result(self) -> dict[str, Any]:
         replica = statistics.median(self.replica_ms) if self.replica_ms else None
         torch_ms = statistics.median(self.torch_ms) if self.torch_ms else None
+        graphs_ms = statistics.median(self.graphs_ms) if self.graphs_ms else None
         return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
                 "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
                 "replica_ms_per_batch": replica,
                 "speedup_vs_replica": replica / statistics.median(self.ep) if replica else None,
                 "torch_loops_ms_per_batch": torch_ms,
                 "native_speedup": torch_ms / statistics.median(self.ep) if torch_ms else None,
+                "cuda_graphs_ms_per_batch": graphs_ms,
+                "cuda_graphs_speedup": statistics.median(self.ep) / graphs_ms if graphs_ms else None,
                 "repeats": len(self.ep)}
 
 
@@ -281,7 +292,7 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "
         f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7} {'replica ms':>10} "
-        f"{'speedup':>7} {'torch ms':>8} {'native':>6}",
+        f"{'speedup':>7} {'torch ms':>8} {'native':>6} {'graphs ms':>9} {'graphs':>6}",
     ]
     for name, r in report["configs"].items():
         anchor = f"{r['anchor']} {r['anchor_ms']:g}" if r["anchor"] else "-"
@@ -290,15 +301,19 @@ def format_table(report: dict[str, Any]) -> str:
         same_run = f"{r['speedup_vs_replica']:.1f}x" if r.get("speedup_vs_replica") else "-"
         loops = f"{r['torch_loops_ms_per_batch']:.3f}" if r.get("torch_loops_ms_per_batch") else "-"
         compiled = f"{r['native_speedup']:.2f}x" if r.get("native_speedup") else "-"
+        graphed = f"{r['cuda_graphs_ms_per_batch']:.3f}" if r.get("cuda_graphs_ms_per_batch") else "-"
+        graphs_gain = f"{r['cuda_graphs_speedup']:.2f}x" if r.get("cuda_graphs_speedup") else "-"
         lines.append(
             f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
             f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
             f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7} {replica:>10} "
-            f"{same_run:>7} {loops:>8} {compiled:>6}")
+            f"{same_run:>7} {loops:>8} {compiled:>6} {graphed:>9} {graphs_gain:>6}")
     lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
               "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
               "batch on issue 4's machine, 1 thread, and our speedup over it; replica ms: the anchor's training "
               "step rewritten in earlyprop.replicas (its ops, the same gradient), timed in this run, and our "
               "speedup over it; torch ms: the same EP step with the torch loops instead of the compiled kernels "
-              "(earlyprop.native; '-' where they do not run), and the kernels' speedup"]
+              "(earlyprop.native; '-' where they do not run), and the kernels' speedup; graphs ms: on CUDA, the same "
+              "EP step with Relaxation(cuda_graphs=True) (earlyprop.cuda_graphs; '-' off CUDA or where the lean "
+              "chain does not run), and its speedup over EP ms"]
     return "\n".join(lines)

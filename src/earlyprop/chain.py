@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.cuda_graphs import StepGraphs
 from earlyprop.native_chain import NativeChain
 from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import Sigmoid, Tanh
@@ -36,19 +37,25 @@ class Chain:
     - a step whose rates live in fixed tensors (plain layers, or uniform smooth rates in buffers made once) is
       built once as calls bound to those tensors and replayed: the Python that chooses the ops runs per phase,
       not per step.
-    The free layers of the returned state are views of the flat buffer.
+    The free layers of the returned state are views of the flat buffer. With ``graphs`` (CUDA), stretches of fixed
+    steps run as CUDA graphs (:mod:`earlyprop.cuda_graphs`): the buffers are then the layout's, kept from phase to
+    phase, and :meth:`result` hands back a copy.
     """
 
-    def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence):
+    def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence, graphs: bool = False):
         self.layout = layout
         self.n, self.w, self.rhos, self.sizes = layout.n, layout.w, layout.rhos, layout.sizes
         n = self.n
         self.bounds, self.hard, self.uniform = layout.bounds, layout.hard, layout.uniform
         self.unit_major, self.span, self._scalars = layout.unit_major, layout.span, layout.scalars
         self.plain = list(layout.plain)  # rho(s) = s and rho'(s) = 1 right now: changes as layers are clipped
+        self.graphs = layout.step_graphs() if graphs else None
+        self.buffers = layout.phase_buffers() if self.graphs is not None else None
         # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
-        self.static: list = [None, *(t if t.is_contiguous() else t.contiguous() for t in static[1:n + 1])]
-        self.flat = torch.empty(layout.length, dtype=layout.dtype, device=layout.device)
+        self.static: list = [None, *(self.kept(f"static {k}", t) if self.buffers is not None else
+                                     t if t.is_contiguous() else t.contiguous()
+                                     for k, t in enumerate(static[1:n + 1], 1))]
+        self.flat = self.buffer("state")
         self.s = self.views(self.flat)
         self.hflat = self.h = self.wt = None  # the torch loops' field buffer and W^T views: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
@@ -64,7 +71,7 @@ class Chain:
         (the rest state, or the free state a nudged phase starts from): 2 ops instead of rho and rho' (5 ops)
         per step."""
         if self.hflat is None:
-            self.hflat = torch.empty_like(self.flat)
+            self.hflat = self.buffer("fields")
             self.h, self.wt = self.views(self.hflat), [None, *(w.t() for w in self.w[1:])]
         hard = [k for k in range(1, self.n + 1) if self.hard[k] and not self.plain[k]]
         if hard:  # clip(s) == s exactly iff every unit is in [0, 1] (a NaN compares unequal)
@@ -74,10 +81,11 @@ class Chain:
                     self.plain[k] = True
 
     @staticmethod
-    def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True
-           ) -> Chain | None:
+    def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True,
+           graphs: bool = False) -> Chain | None:
         """The chain of ``network``, or None where the general loop must run; ``native``: let the compiled CPU
-        kernels of :mod:`earlyprop.native` run its steps where they apply."""
+        kernels of :mod:`earlyprop.native` run its steps where they apply; ``graphs``: run stretches of fixed steps
+        as CUDA graphs (on CUDA; no effect elsewhere)."""
         if autocast_enabled(state[0].device.type):  # its out= products need one dtype: mixed precision runs general
             return None
         weights = dense_chain(network)
@@ -88,7 +96,24 @@ class Chain:
                 nudge is not None and (nudge.target.dtype != dtype or
                                        (isinstance(nudge.beta, Tensor) and nudge.beta.dtype != dtype))):
             return None
-        return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static)
+        return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static, graphs)
+
+    def buffer(self, name: str) -> Tensor:
+        """A scratch buffer laid out like the state: the layout's own in graph mode, else a new one."""
+        if self.buffers is None:
+            return torch.empty(self.layout.length, dtype=self.layout.dtype, device=self.layout.device)
+        return self.buffers.empty(name, (self.layout.length,), self.layout.dtype, self.layout.device)
+
+    def kept(self, name: str, value: Tensor) -> Tensor:
+        """A phase's tensor that steps are bound to: in graph mode copied into the layout's buffer of that name, so
+        that the next phase's steps are bound to the same memory (and replay the same graphs)."""
+        return value if self.buffers is None else self.buffers.keep(name, value)
+
+    def result(self) -> list:
+        """The state to hand back: the chain's own views, or in graph mode a copy, which the next phase keeps."""
+        if self.buffers is None:
+            return self.state
+        return [self.state[0], *self.views(self.flat.clone())[1:]]
 
     def scalar(self, value: float) -> Tensor:
         """A 0-d tensor for ``value``, made once per layout and never written (see _smooth_rate_calls)."""
@@ -127,7 +152,7 @@ class Chain:
         if not self.uniform or type(rho) not in (Sigmoid, Tanh):
             return None
         if self.rbuf is None:
-            self.rbuf, self.pbuf = torch.empty_like(self.flat), torch.empty_like(self.flat)
+            self.rbuf, self.pbuf = self.buffer("rates"), self.buffer("slopes")
             self.r = self.views(self.rbuf)
         calls, alpha = _smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
         return calls, self.r, self.pbuf, alpha
@@ -197,8 +222,9 @@ class Chain:
         if nudge is not None:
             beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else nudge.beta
             k = nudge_factor * beta / eps
-            pull = k * nudge.target
-            static_pulled = self.static[n] + pull
+            k = self.kept("nudge k", k) if isinstance(k, Tensor) else k
+            pull = self.kept("pull", k * nudge.target)
+            static_pulled = self.kept("static pulled", self.static[n] + pull)
 
         scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
         replay: dict[tuple, list] = {}  # the drive's calls per set of plain layers, when the rates are fixed
@@ -213,7 +239,8 @@ class Chain:
             statics = [None] * (n + 1)
             if alpha != 1.0:
                 if alpha not in scaled:
-                    scaled[alpha] = [None, *(alpha * st for st in self.static[1:])]
+                    scaled[alpha] = [None, *(self.kept(f"scaled static {j}", alpha * st)
+                                             for j, st in enumerate(self.static[1:], 1))]
                 statics = scaled[alpha]
             elif nudge is not None and self.plain[n]:
                 statics[n] = static_pulled
@@ -247,7 +274,16 @@ class Chain:
                 self.plain = plain
             return worst
 
-        return repeated(step)
+        def fixed_calls() -> list | None:
+            """step(False) as bound calls, once its calls are fixed and leave the plain flags as they are."""
+            if any(self.hard[j] and self.plain[j] != bool(plan) for j in layers):
+                return None
+            if tuple(self.plain) not in replay and self.fixed_rates() is None:
+                return None
+            return [*drive_calls(), partial(self.flat.lerp_, self.hflat, eps_t),
+                    *(partial(run.clamp_, *b) for _, _, b, run in plan)]
+
+        return repeated(step, self.graphs, fixed_calls)
 
     def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
         """``advance(measure, count=1)``: ``count`` sweeps of exact block minimisation (SC23), as ``block_sweep``
@@ -261,10 +297,10 @@ class Chain:
         n, plans = self.n, [self.clamp_plan(group) for group in groups]
         if nudge is not None:
             a, convex = curvature
-            a = a if isinstance(a, Tensor) else self.scalar(a)  # a 0-d tensor operand: no per-call wrapping
+            a = self.kept("curvature", a) if isinstance(a, Tensor) else self.scalar(a)  # 0-d: no per-call wrapping
             beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
-            pull = beta * beta_scale * nudge.target  # the products in the order nudged_minimiser takes them
-            static_pulled = self.static[n] + pull
+            pull = self.kept("pull", beta * beta_scale * nudge.target)  # in the order nudged_minimiser takes them
+            static_pulled = self.kept("static pulled", self.static[n] + pull)
         relaxed = omega != 1.0
         target = self.h if relaxed else self.s  # where a block's minimiser goes
         runs = [self.group_run(group) for group in groups] if relaxed else None
@@ -297,9 +333,15 @@ class Chain:
         def keep_concave_rows() -> None:
             self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
 
-        def sweep(measure: bool) -> float | None:
-            if not replay and self.replayable(plans):  # then the rates are the state itself, sweep after sweep
+        def fixed_calls() -> list | None:
+            """A sweep as bound calls, once every layer is plain and stays so: then the rates are the state itself,
+            sweep after sweep."""
+            if not replay and self.replayable(plans):
                 replay.extend(call for i in range(len(groups)) for call in group_calls(i, self.s, replayed=True))
+            return replay or None
+
+        def sweep(measure: bool) -> float | None:
+            fixed_calls()
             before = self.flat.clone() if measure else None
             if replay:
                 for call in replay:
@@ -312,7 +354,7 @@ class Chain:
                 return None  # the change per sweep scales with omega: divide it out, so tol means one thing
             return float((self.flat - before).abs().max()) / omega if before.numel() else 0.0
 
-        return repeated(sweep)
+        return repeated(sweep, self.graphs, fixed_calls)
 
     def group_run(self, group: list[int]) -> tuple[Tensor, Tensor]:
         """The slices of the state and field buffers that hold a parity group (contiguous: even layers first)."""
@@ -322,13 +364,18 @@ class Chain:
         return self.flat[lo:hi], self.hflat[lo:hi]
 
 
-def repeated(step: Callable) -> Callable:
+def repeated(step: Callable, graphs: StepGraphs | None = None, fixed_calls: Callable | None = None) -> Callable:
     """``step(measure, **options)``, one step, as ``advance(measure, count=1, **options)``: ``count`` steps, the
-    last one measured (and given the options)."""
+    last one measured (and given the options). With ``graphs``, the unmeasured steps run as CUDA graphs of
+    ``fixed_calls()`` where they are fixed (:meth:`earlyprop.cuda_graphs.StepGraphs.advance`)."""
     def advance(measure: bool, count: int = 1, **options) -> float | None:
-        for _ in range(count - 1):
-            step(False)
-        return step(measure, **options)
+        if graphs is None:
+            for _ in range(count - 1):
+                step(False)
+            return step(measure, **options)
+        last = bool(measure or options)  # a measured (or measure-only) step reads the device: never in a graph
+        graphs.advance(step, fixed_calls, count - last)
+        return step(measure, **options) if last else None
 
     return advance
 

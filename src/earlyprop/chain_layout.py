@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from earlyprop import cuda_graphs
 from earlyprop import native as native_kernels
 from earlyprop.interactions import Dense
 from earlyprop.native_chain import KernelLayout
@@ -54,6 +55,18 @@ class ChainLayout:
         self.scalars: dict[float, Tensor] = {}  # 0-d constants on the device (Chain.scalar), never written
         self.kernels = KernelLayout(self, batch) if compiled else None
         self.step_plans: dict = {}  # earlyprop.step_plan's, for the rules that run their step on this layout
+        self._graphs: tuple | None = None  # (StepGraphs, PhaseBuffers) of the chains in graph mode, made on first use
+
+    def step_graphs(self) -> cuda_graphs.StepGraphs | None:
+        """The CUDA graphs of this layout's chains (None off CUDA, where ``cuda_graphs`` has no effect)."""
+        if self._graphs is None:
+            self._graphs = (cuda_graphs.step_graphs_for(self.device), cuda_graphs.PhaseBuffers())
+        return self._graphs[0]
+
+    def phase_buffers(self) -> cuda_graphs.PhaseBuffers:
+        """The buffers a chain in graph mode keeps from phase to phase."""
+        self.step_graphs()
+        return self._graphs[1]
 
     def views(self, flat: Tensor) -> list:
         """Per-layer (batch, n_k) views of a flat buffer of this layout: row-major, or unit-major for the narrow

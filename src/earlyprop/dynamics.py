@@ -95,6 +95,7 @@ def relax(
     validate: bool = True,
     final_residual: bool = True,
     native: bool = True,
+    cuda_graphs: bool = False,
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -135,6 +136,9 @@ def relax(
     native : on CPU, run the lean chain's steps in the compiled kernels of :mod:`earlyprop.native` where they
         apply (numba installed; linear, hard-sigmoid, logistic or tanh layers; small products): same results up
         to round-off. False: the torch loops.
+    cuda_graphs : on CUDA, run the lean chain's stretches of steps between checks as CUDA graphs, captured once
+        and replayed (:mod:`earlyprop.cuda_graphs`): one launch per stretch instead of a few per step, the same
+        kernels on the same values. No effect elsewhere, or where the lean chain does not run.
 
     On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
     with the same results up to round-off; the free layers of the returned state are then views of one buffer
@@ -161,7 +165,7 @@ def relax(
         # the lean loops of chain.Chain: same equations, for the plain layered chain without the extras
         lean = not (differentiable or sigma > 0 or fixed_layers or not rho_prime_factor) and (
             nudge is None or type(nudge.cost) is SquaredError)
-        chain = Chain.of(network, state, static, nudge, native) if lean else None
+        chain = Chain.of(network, state, static, nudge, native, cuda_graphs) if lean else None
         if chain is not None:
             s = chain.state
         else:
@@ -232,7 +236,7 @@ def relax(
                 residual = advance_residual(network, s, moving, nudge, nudge_factor, eps, bounds, rho_prime_factor,
                                             static)
             converged = tol is not None and residual <= tol
-        return s, Diagnostics(step, residual, converged, energy, trajectory)
+        return chain.result() if chain is not None else s, Diagnostics(step, residual, converged, energy, trajectory)
 
 
 def residual(

@@ -64,7 +64,7 @@ def build_rule(config: TrainConfig, network: Network) -> LearningRule:
     relaxation = Relaxation(eps=config.eps, free_steps=config.free_steps, nudge_steps=config.nudge_steps,
                             project=config.project, method=config.solver, nudge_scale=config.nudge_scale,
                             omega=config.omega, tol=config.tol or None, check_every=config.check_every,
-                            native=config.native)
+                            native=config.native, cuda_graphs=config.cuda_graphs)
     if config.cost == "cross_entropy":
         n_out = network.sizes[network.driven]
         cost = CrossEntropyReadout(n_out, n_out, network.rhos[network.driven]).to(network.dtype).to(network.device)

@@ -32,6 +32,7 @@ class Relaxation:
     method: str = "euler"
     omega: float = 1.0
     native: bool = True  # relax's compiled CPU kernels where they apply (earlyprop.native): same results
+    cuda_graphs: bool = False  # on CUDA, stretches of steps as CUDA graphs (earlyprop.cuda_graphs): same results
 
     def __post_init__(self) -> None:
         check_omega(self.omega, self.method)
@@ -46,7 +47,7 @@ class Relaxation:
         return relax(network, state, steps=self.free_steps, eps=self.eps, project=self.project,
                      nudge_scale=self.nudge_scale, tol=self.tol, check_every=self.check_every, method=self.method,
                      static=static, omega=self.omega, validate=not internal, final_residual=not internal,
-                     native=self.native)
+                     native=self.native, cuda_graphs=self.cuda_graphs)
 
     def nudged(
         self, network: Network, state: Sequence[Tensor], beta: float | Tensor, target: Tensor, cost: Cost,
@@ -60,7 +61,7 @@ class Relaxation:
                      project=self.project, nudge_scale=self.nudge_scale, check_every=self.check_every,
                      record_trajectory=record_trajectory, method=method, static=static,
                      omega=self.omega if method == "async" else 1.0, validate=not internal,
-                     final_residual=not internal, native=self.native)
+                     final_residual=not internal, native=self.native, cuda_graphs=self.cuda_graphs)
 
 
 @dataclass
