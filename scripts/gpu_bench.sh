@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Issue 4's GPU check, in one go: (0) the same EP steps in float64 on CPU and GPU (scripts/gpu_agree.py), (1)
-# `earlyprop bench` configs A,B,C,D and the GPU config G (784-1024-1024-10, batch 256, 20 + 4 Euler steps, one-sided
-# EP) on CUDA, (2) a host-sync check of the relaxation on the device, (3) G with TF32, (3b) the conv configs M, N,
-# (4) configs A-D on this machine's CPU (1 thread) for comparison, (5) the README's main job (digits) on CUDA.
+# Issue 4's GPU check, in one go: (0) the same EP steps in float64 on CPU and GPU, with and without CUDA graphs
+# (scripts/gpu_agree.py), and the suite's GPU tests; (1) `earlyprop bench` configs A,B,C,D and the GPU config G
+# (784-1024-1024-10, batch 256, 20 + 4 Euler steps, one-sided EP) on CUDA; (2) a host-sync check of the relaxation on
+# the device, with and without CUDA graphs; (2b) the graphs' cost in the first batches (scripts/gpu_graph_cost.py);
+# (3) G with TF32; (3b) the conv configs M, N; (4) configs A-D on this machine's CPU (1 thread) for comparison; (5) the
+# README's main job (digits) on CUDA, with and without CUDA graphs.
 #
-# Run from anywhere (it cd's to the repository root); needs python3 >= 3.10 with torch (CUDA build), nothing
-# else (no pip install; numpy, scikit-learn, matplotlib are not needed but for step 5):
+# Run from anywhere (it cd's to the repository root); needs python3 >= 3.10 with torch (CUDA build) and pytest,
+# nothing else (no pip install; numpy, scikit-learn are needed by step 5 only):
 #   OUT=/some/folder bash scripts/gpu_bench.sh
-# Outputs in $OUT (default ${TMPDIR:-/tmp}/gpu_bench_out): agree.txt/.json, bench_cuda.json, bench_cuda.txt (the
-# table), sync_check.txt/.json, bench_cuda_G_tf32.json/.txt, bench_cuda_M.*, bench_cpu_here.json/.txt, train_cuda.txt,
+# Outputs in $OUT (default ${TMPDIR:-/tmp}/gpu_bench_out): agree.*, tests_cuda.txt, bench_cuda.json, bench_cuda.txt
+# (the table), sync_check.*, graph_cost.*, bench_cuda_G_tf32.*, bench_cuda_M.*, bench_cpu_here.*, train_cuda*.txt,
 # nvidia-smi.txt, env.txt, summary.txt (rc and seconds of every step; a step's stderr, if any, beside its output as
 # *.stderr). Each step has a time limit, and a step that would start past DEADLINE seconds (default 420) is skipped.
-# Without a GPU it falls back to the CPU with 2 timed batches per config (a dry run of the
-# script itself: bench_cpu.json/.txt). Overrides: DEVICE=cpu|cuda, REPEATS=N (all configs), PYTHON=python3,
-# DEADLINE=seconds.
+# Without a GPU it falls back to the CPU with 2 timed batches per config (a dry run of the script itself:
+# bench_cpu.json/.txt). Overrides: DEVICE=cpu|cuda, REPEATS=N (all configs), PYTHON=python3, DEADLINE=seconds,
+# ONLY=agree,tests,bench,sync,graphs,tf32,conv,cpu,train (the steps to run, by the first word of their names).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-${TMPDIR:-/tmp}/gpu_bench_out}"
@@ -24,7 +26,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 DEADLINE="${DEADLINE:-420}"
-ONLY="${ONLY:-agree,tests,bench,sync,tf32,conv,cpu,train}"
+ONLY="${ONLY:-agree,tests,bench,sync,graphs,tf32,conv,cpu,train}"
 step() {  # step NAME TIMEOUT_S STDOUT_FILE COMMAND...: run with a time limit, log rc and seconds
     local name=$1 limit=$2 dest=$3 start=$SECONDS rc
     shift 3
@@ -142,6 +144,9 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)
 print("all ok:", all(r["ok"] for r in out.values()))
 EOF
 
+# 2b. what the CUDA graphs cost before they pay: the first batches of a fresh network, with and without
+step "graphs cost" 60 "$OUT/graph_cost.txt" "$PY" scripts/gpu_graph_cost.py G,A,B,C "$OUT/graph_cost.json"
+
 # 3. G with TF32 matmuls (the default run above is plain fp32)
 step "tf32 bench cuda G" 40 "$OUT/bench_cuda_G_tf32.txt" "${BENCH[@]}" --configs G --tf32 ${REP[@]+"${REP[@]}"} \
     --json-out "$OUT/bench_cuda_G_tf32.json"
@@ -157,6 +162,6 @@ step "cpu bench A,B,C,D" 90 "$OUT/bench_cpu_here.txt" "$PY" -m earlyprop bench -
 
 # 5. the README's main job on the device: digits, the seed's STDP rule, then backprop
 step "train digits cuda" 90 "$OUT/train_cuda.txt" "$PY" -m earlyprop train --device cuda --no-progress
-step "train digits cuda graphs" 90 "$OUT/train_cuda_graphs.txt" "$PY" -m earlyprop train --device cuda --no-progress \
-    --cuda-graphs
+step "train digits cuda without graphs" 90 "$OUT/train_cuda_no_graphs.txt" "$PY" -m earlyprop train --device cuda \
+    --no-progress --no-cuda-graphs
 echo "total seconds=$SECONDS" | tee -a "$SUMMARY" >&2

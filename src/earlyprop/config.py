@@ -60,7 +60,7 @@ class TrainConfig:
     tol: float = 0.0  # a free phase stops once its residual is <= tol (checked every check_every steps); 0: off
     check_every: int = 10
     native: bool = True  # compiled CPU relaxation kernels where they apply (numba; earlyprop.native)
-    cuda_graphs: bool = False  # on CUDA, stretches of relaxation steps as CUDA graphs (earlyprop.cuda_graphs)
+    cuda_graphs: bool = True  # on CUDA, stretches of relaxation steps as CUDA graphs (earlyprop.cuda_graphs)
     nudge_scale: str = "eps"
     project: bool = True
     persistent: bool = False

@@ -1,4 +1,5 @@
-"""CUDA graphs of the lean chain's steps: ``Relaxation(cuda_graphs=True)``, ``relax(..., cuda_graphs=True)`` (issue 4).
+"""CUDA graphs of the lean chain's steps: ``Relaxation.cuda_graphs``, ``relax(..., cuda_graphs=)`` (issue 4; on by
+default, ``False`` or ``--no-cuda-graphs`` launches the steps one by one).
 
 On a GPU, a step of a layered net at research sizes is a handful of small kernels, and Python launching them costs
 more than the device running them (config G, 784-1024-1024-10 at batch 256: ~0.26 ms per step on an H200, of which
@@ -157,7 +158,11 @@ class StepGraphs:
                 graph.capture_end()
 
         self._on_stream(capture)
-        return graph.replay
+        return partial(self._replay, graph)
+
+    def _replay(self, graph: torch.cuda.CUDAGraph) -> None:
+        with torch.cuda.device(self.device):  # a graph launches on the current device's stream
+            graph.replay()
 
 
 def _repeat(calls: Calls, count: int) -> None:

@@ -95,7 +95,7 @@ def relax(
     validate: bool = True,
     final_residual: bool = True,
     native: bool = True,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
 ) -> tuple[State, Diagnostics]:
     """Run the leaky-integrator / Langevin dynamics from ``state`` and return the final state.
 
@@ -138,7 +138,8 @@ def relax(
         to round-off. False: the torch loops.
     cuda_graphs : on CUDA, run the lean chain's stretches of steps between checks as CUDA graphs, captured once
         and replayed (:mod:`earlyprop.cuda_graphs`): one launch per stretch instead of a few per step, the same
-        kernels on the same values. No effect elsewhere, or where the lean chain does not run.
+        kernels on the same values (1.1-2.5x faster per batch on an H200, BENCHMARKS.md). No effect on CPU, or
+        where the lean chain does not run. False: the steps launched one by one.
 
     On a plain layered chain (no extras: see :class:`earlyprop.chain.Chain`) the same loop runs lean,
     with the same results up to round-off; the free layers of the returned state are then views of one buffer

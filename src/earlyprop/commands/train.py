@@ -76,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "when installed: pip install earlyprop[native]); same results, ~2x faster phases (default on)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, run the relaxation's stretches of steps between checks as CUDA graphs (one launch "
-                   "each instead of a few per step; same results); no effect on CPU (default off)")
+                   "each instead of a few per step; same results); no effect on CPU (default on)")
     p.add_argument("--persistent", action=argparse.BooleanOptionalAction, default=None,
                    help="persistent particles: start each example's free phase where it last ended (EP17)")
     p.add_argument("--monitor-every", type=int, help="every N batches, log the cosine of the update with the "

@@ -32,7 +32,7 @@ class Relaxation:
     method: str = "euler"
     omega: float = 1.0
     native: bool = True  # relax's compiled CPU kernels where they apply (earlyprop.native): same results
-    cuda_graphs: bool = False  # on CUDA, stretches of steps as CUDA graphs (earlyprop.cuda_graphs): same results
+    cuda_graphs: bool = True  # on CUDA, stretches of steps as CUDA graphs (earlyprop.cuda_graphs): same results
 
     def __post_init__(self) -> None:
         check_omega(self.omega, self.method)
