@@ -24,6 +24,7 @@ initialisations, e.g. cuBLAS's workspace, must not happen inside a capture); cap
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from functools import partial
 from types import BuiltinFunctionType
@@ -106,7 +107,7 @@ class StepGraphs:
         self.graphs: dict[tuple, Callable[[], None]] = {}
         self.captures = self.replays = self.eager_steps = 0  # counters, for tests and benchmarks
         self._warm = False
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = capture_stream(device) if device.type == "cuda" else None
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
     def advance(self, step: Callable[[bool], object], fixed_calls: Callable[[], Calls | None], count: int) -> None:
@@ -169,6 +170,14 @@ def _repeat(calls: Calls, count: int) -> None:
     for _ in range(count):
         for call in calls:
             call()
+
+
+@functools.cache
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of every capture on ``device``, made once per process (as ``torch.cuda.graph``'s own): cuBLAS
+    keeps a workspace per stream, tens of MiB on a Hopper card, so a stream per layout costs that much per layout
+    (the bench's peak memory on an H200 went from 311 to 511 MiB with one stream per layout, BENCHMARKS.md)."""
+    return torch.cuda.Stream(device)
 
 
 def step_graphs_for(device: torch.device) -> StepGraphs | None:
