@@ -88,7 +88,8 @@ class PhaseBuffers:
     def empty(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous buffer, the same one at every call with this name and geometry."""
         buf = self._kept.get(name)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != device:
+        if (buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != device
+                or buf.is_inference() and not torch.is_inference_mode_enabled()):  # made under inference_mode
             buf = self._kept[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
@@ -142,11 +143,14 @@ class StepGraphs:
         self.replays += 1
 
     def _on_stream(self, work: Callable[[], None]) -> None:
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            work()
-        current.wait_stream(self._stream)
+        """``work`` on the capture stream, ordered after and before the device's current stream (a capture takes
+        the current device's current stream, so the device is made current too)."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                work()
+            current.wait_stream(self._stream)
 
     def _capture(self, calls: Calls, count: int) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()

@@ -120,6 +120,18 @@ def test_off_cuda_the_option_changes_nothing():
     assert layouts and all(layout.step_graphs() is None for layout in layouts)
 
 
+def test_a_prediction_under_inference_mode_then_training(recorded):
+    """Buffers made under torch.inference_mode cannot be written outside it: the next phase gets new ones."""
+    net = Network.layered((30, 24, 5), "hard_sigmoid", seed=1, dtype=torch.float64)
+    rule = EquilibriumProp(0.5, "positive", Relaxation(native=False, cuda_graphs=True))
+    x, y = batches(1)[0]
+    with torch.inference_mode():
+        first = rule.predict(net, x)
+    rule.compute_grads(net, x, y)
+    assert torch.equal(rule.predict(net, x), first)
+    assert all(p.grad is not None for p in net.parameters())
+
+
 def test_the_signature_holds_every_bound_tensor_and_value():
     a, b = torch.zeros(4), torch.zeros(4)
     base = signature([partial(torch.add, a, b, alpha=2.0, out=a), partial(a.clamp_, 0.0, 1.0)])
