@@ -180,7 +180,8 @@ def _repeat(calls: Calls, count: int) -> None:
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream of every capture on ``device``, made once per process (as ``torch.cuda.graph``'s own): cuBLAS
     keeps a workspace per stream, tens of MiB on a Hopper card, so a stream per layout costs that much per layout
-    (the bench's peak memory on an H200 went from 311 to 511 MiB with one stream per layout, BENCHMARKS.md)."""
+    (the bench's peak GPU memory on an H200: 311 MiB without graphs, 511 with a stream per layout, 351 with one per
+    device; BENCHMARKS.md)."""
     return torch.cuda.Stream(device)
 
 
