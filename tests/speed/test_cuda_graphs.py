@@ -201,3 +201,22 @@ def test_nudged_phases_of_new_batches_replay_as_they_ran(recorded, method, nudge
         assert sum(g.replays for g in recorded) == 0
     else:
         assert sum(g.replays for g in recorded) >= 4
+
+
+@pytest.mark.parametrize("overrides", [dict(rule="stdp"), dict(rule="ep", persistent=True, solver="async", omega=1.3)])
+def test_a_training_run_with_graphs_is_the_run_without(recorded, overrides):
+    """One digits epoch through the trainer (the main job's STDP rule; EP with persistent particles and the block
+    solver), evaluation included: the same accuracies and final weights."""
+    from earlyprop.config import load_config
+    from earlyprop.train import train
+
+    summaries = []
+    for graphs in (False, True):
+        config = load_config(None, {**overrides, "epochs": 1, "hidden": [32], "native": False, "cuda_graphs": graphs,
+                                    "dtype": "float64"})
+        summaries.append(train(config, log=lambda _: None))
+    assert sum(g.replays for g in recorded) > 50
+    plain, graphed = summaries
+    assert graphed["test_accuracy"] == plain["test_accuracy"] and graphed["train_accuracy"] == plain["train_accuracy"]
+    assert graphed["test_cost"] == pytest.approx(plain["test_cost"], rel=1e-12, abs=0)
+    assert graphed["test_accuracy"] > 0.5
