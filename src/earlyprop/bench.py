@@ -167,9 +167,9 @@ class Runner:
         # on CUDA, where the lean chain runs, the same step without CUDA graphs (the default runs them)
         chain = lean_chain(self.net, self.batches[0][0])
         self.torch_rule = relaxation_twin(self.rule, native=False) if chain and chain.native else None
-        self.graphs_rule = relaxation_twin(self.rule, cuda_graphs=False) if chain and device.type == "cuda" else None
+        self.no_graphs_rule = relaxation_twin(self.rule, cuda_graphs=False) if chain and device.type == "cuda" else None
         self.torch_ms: list[float] = []
-        self.graphs_ms: list[float] = []
+        self.no_graphs_ms: list[float] = []
         self.replica = build_replica(cfg, self.net) if replica else None
         self.replica_ms: list[float] = []
         self.mlp = make_mlp(cfg.sizes, device, cfg=cfg)
@@ -203,7 +203,7 @@ class Runner:
         self.torch_rule.compute_grads(self.net, *self._batch())
 
     def no_graphs_step(self) -> None:
-        self.graphs_rule.compute_grads(self.net, *self._batch())
+        self.no_graphs_rule.compute_grads(self.net, *self._batch())
 
     def replica_step(self) -> None:
         self.replica.compute_grads(*self._batch())
@@ -214,23 +214,23 @@ class Runner:
         self.bp_grads_only += time_calls(self.bp_grads, count, warmup, self.device)
         if self.torch_rule is not None:
             self.torch_ms += time_calls(self.torch_step, count, warmup, self.device, reset=self.zero)
-        if self.graphs_rule is not None:
-            self.graphs_ms += time_calls(self.no_graphs_step, count, warmup, self.device, reset=self.zero)
+        if self.no_graphs_rule is not None:
+            self.no_graphs_ms += time_calls(self.no_graphs_step, count, warmup, self.device, reset=self.zero)
         if self.replica is not None:
             self.replica_ms += time_calls(self.replica_step, count, warmup, self.device, reset=self.zero)
 
     def result(self) -> dict[str, Any]:
         replica = statistics.median(self.replica_ms) if self.replica_ms else None
         torch_ms = statistics.median(self.torch_ms) if self.torch_ms else None
-        graphs_ms = statistics.median(self.graphs_ms) if self.graphs_ms else None
+        no_graphs_ms = statistics.median(self.no_graphs_ms) if self.no_graphs_ms else None
         return {"ms_per_batch": statistics.median(self.ep), "ep_ms_min": min(self.ep),
                 "bp_ms_per_batch": statistics.median(self.bp), "bp_grads_ms": statistics.median(self.bp_grads_only),
                 "replica_ms_per_batch": replica,
                 "speedup_vs_replica": replica / statistics.median(self.ep) if replica else None,
                 "torch_loops_ms_per_batch": torch_ms,
                 "native_speedup": torch_ms / statistics.median(self.ep) if torch_ms else None,
-                "no_graphs_ms_per_batch": graphs_ms,
-                "cuda_graphs_speedup": graphs_ms / statistics.median(self.ep) if graphs_ms else None,
+                "no_graphs_ms_per_batch": no_graphs_ms,
+                "cuda_graphs_speedup": no_graphs_ms / statistics.median(self.ep) if no_graphs_ms else None,
                 "repeats": len(self.ep)}
 
 
@@ -301,13 +301,13 @@ def format_table(report: dict[str, Any]) -> str:
         same_run = f"{r['speedup_vs_replica']:.1f}x" if r.get("speedup_vs_replica") else "-"
         loops = f"{r['torch_loops_ms_per_batch']:.3f}" if r.get("torch_loops_ms_per_batch") else "-"
         compiled = f"{r['native_speedup']:.2f}x" if r.get("native_speedup") else "-"
-        graphed = f"{r['no_graphs_ms_per_batch']:.3f}" if r.get("no_graphs_ms_per_batch") else "-"
+        ungraphed = f"{r['no_graphs_ms_per_batch']:.3f}" if r.get("no_graphs_ms_per_batch") else "-"
         graphs_gain = f"{r['cuda_graphs_speedup']:.2f}x" if r.get("cuda_graphs_speedup") else "-"
         lines.append(
             f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
             f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
             f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7} {replica:>10} "
-            f"{same_run:>7} {loops:>8} {compiled:>6} {graphed:>11} {graphs_gain:>6}")
+            f"{same_run:>7} {loops:>8} {compiled:>6} {ungraphed:>11} {graphs_gain:>6}")
     lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
               "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
               "batch on issue 4's machine, 1 thread, and our speedup over it; replica ms: the anchor's training "
