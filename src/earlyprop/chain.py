@@ -51,9 +51,8 @@ class Chain:
         self.plain = list(layout.plain)  # rho(s) = s and rho'(s) = 1 right now: changes as layers are clipped
         self.graphs = layout.step_graphs() if graphs else None
         self.buffers = layout.phase_buffers() if self.graphs is not None else None
-        # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one
-        self.static: list = [None, *(self.kept(f"static {k}", t) if self.buffers is not None else
-                                     t if t.is_contiguous() else t.contiguous()
+        # contiguous: addmm reads a stride-0 (expanded) bias ~30% slower than a materialised one (kept: copied so)
+        self.static: list = [None, *(t.contiguous() if self.buffers is None else self.kept(f"static {k}", t)
                                      for k, t in enumerate(static[1:n + 1], 1))]
         self.flat = self.buffer("state")
         self.s = self.views(self.flat)

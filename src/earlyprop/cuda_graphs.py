@@ -24,9 +24,8 @@ initialisations, e.g. cuBLAS's workspace, must not happen inside a capture); cap
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from types import BuiltinFunctionType
 
 import torch
@@ -123,10 +122,11 @@ class StepGraphs:
                 self.eager_steps += 1
                 count -= 1
                 continue
-            self._run(calls, (key, count), count)
+            self._run(calls, key, count)
             return
 
-    def _run(self, calls: Calls, key: tuple, count: int) -> None:
+    def _run(self, calls: Calls, calls_key: tuple, count: int) -> None:
+        key = (calls_key, count)
         graph = self.graphs.pop(key, None)
         if graph is None:
             if not self._warm:  # lazy initialisations (cuBLAS's workspace) outside any capture
@@ -176,7 +176,7 @@ def _repeat(calls: Calls, count: int) -> None:
             call()
 
 
-@functools.cache
+@cache
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream of every capture on ``device``, made once per process (as ``torch.cuda.graph``'s own): cuBLAS
     keeps a workspace per stream, tens of MiB on a Hopper card, so a stream per layout costs that much per layout
