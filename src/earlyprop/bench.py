@@ -4,7 +4,10 @@ For each config it reports the median ms of ``rule.compute_grads`` (free phase, 
 weight gradients written to ``.grad``), the median ms of a plain backprop step of the MLP with the same
 sizes (torch.nn Linear + sigmoid, MSE, zero_grad + forward + backward + SGD step), and the config's FLOP
 floor: the multiply-adds a lean implementation cannot avoid, converted to ms at the sgemm rate measured
-in the same run. Element-wise work (O(batch x units) per step) is left out of the floor.
+in the same run. Element-wise work (O(batch x units) per step) is left out of the floor. Beside it, the same
+products at the rates this machine's BLAS reaches for their own batch-sized shapes (the faster of the two layouts
+of the right operand), measured in the same run: what the multiplies cost at that batch here, which on CPUs
+whose large products run much faster than batch-20 ones is most of the gap to the floor.
 
 On CUDA the same code runs on the device: each timed call is bracketed by ``torch.cuda.synchronize`` (nothing
 inside it syncs but the library's own once-per-check and once-per-phase reads), after warm-up calls; the
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from earlyprop.bench_configs import CONFIGS, BenchConfig, flop_floor, sgemm_shape, small_shapes
+from earlyprop.bench_configs import CONFIGS, BenchConfig, floor_products, flop_floor, sgemm_shape, small_shapes
 from earlyprop.machine import machine_info
 
 if TYPE_CHECKING:
@@ -60,17 +63,19 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.d
     return out
 
 
-def sgemm_gflops(shape: Sequence[int], device: torch.device, repeats: int = 15) -> float:
-    """Median float32 GFLOP/s of an (m x k) @ (k x n) product (TF32 only if the caller enabled it)."""
+def sgemm_gflops(shape: Sequence[int], device: torch.device, repeats: int = 15, transposed: bool = True) -> float:
+    """Median float32 GFLOP/s of an (m x k) @ (k x n) product (TF32 only if the caller enabled it), its right
+    operand an (n x k) matrix transposed (as ``x @ W.T``), or with ``transposed=False`` a (k x n) one."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(m, k, generator=gen).to(device)
-    w = torch.rand(n, k, generator=gen).to(device)
+    w = torch.rand(n, k, generator=gen).to(device).t()
+    w = w.contiguous() if not transposed else w
     out = torch.empty(m, n, device=device)
     # small products: time a loop, not the timer (on a GPU: enough launches to hide the synchronize, at most 256)
     budget, cap = (2e9, 256) if device.type == "cuda" else (2e7, 10**6)
     inner = max(1, min(cap, int(budget // (m * k * n))))
-    ms = time_calls(lambda: [torch.mm(a, w.t(), out=out) for _ in range(inner)], repeats, warmup(device), device)
+    ms = time_calls(lambda: [torch.mm(a, w, out=out) for _ in range(inner)], repeats, warmup(device), device)
     return 2.0 * m * k * n * inner / (statistics.median(ms) * 1e-3) / 1e9
 
 
@@ -257,8 +262,8 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
                 progress(f"config {name}: {'-'.join(map(str, cfg.sizes))}, batch {cfg.batch}, {cfg.phases()}")
             runner.measure(max(1, -(-counts[name] // rounds)), warmup=warmup(device) + 1 if r == 0 else 0)
     gflops = statistics.median(rates)
-    small = {"x".join(map(str, s)): sgemm_gflops(s, device)
-             for s in small_shapes([runner.cfg for runner in runners.values()])}
+    shapes = small_shapes([runner.cfg for runner in runners.values()])
+    small = {s: max(sgemm_gflops(s, device), sgemm_gflops(s, device, transposed=False)) for s in shapes}
     configs = {}
     for name, runner in runners.items():
         cfg, row = runner.cfg, runner.result()
@@ -266,6 +271,9 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
         row["flop_floor_mflop"] = floor / 1e6
         row["flop_floor_ms"] = floor / (gflops * 1e9) * 1e3
         row["ratio_to_floor"] = row["ms_per_batch"] / row["flop_floor_ms"]
+        row["products_ms"] = None if cfg.conv else sum(
+            2.0 * m * k * n * count / (small[m, k, n] * 1e9) * 1e3 for (m, k, n), count in floor_products(cfg))
+        row["ratio_to_products"] = row["ms_per_batch"] / row["products_ms"] if row["products_ms"] else None
         row["ratio_to_bp"] = row["ms_per_batch"] / row["bp_ms_per_batch"]
         row["anchor"], row["anchor_ms"] = cfg.anchor, cfg.anchor_ms
         row["speedup_vs_anchor"] = cfg.anchor_ms / row["ms_per_batch"] if cfg.anchor_ms else None
@@ -274,7 +282,7 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
     machine = machine_info(device)
     machine["sgemm_shape"] = "x".join(map(str, big))
     machine["sgemm_gflops_per_round"] = rates
-    machine["small_sgemm_gflops"] = small
+    machine["small_sgemm_gflops"] = {"x".join(map(str, s)): rate for s, rate in small.items()}
     machine["rounds"] = rounds
     return {"configs": configs, "machine": machine, "matmul_gflops": gflops}
 
@@ -291,8 +299,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"batch-sized products {small} GFLOP/s",
         "",
         f"{'cfg':<3} {'network':<20} {'batch':>5}  {'phases':<30} {'EP ms':>8} {'BP ms':>7} {'EP/BP':>6} "
-        f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8}  {'anchor':<12} {'speedup':>7} {'replica ms':>10} "
-        f"{'speedup':>7} {'torch ms':>8} {'native':>6} {'no-graph ms':>11} {'graphs':>6}",
+        f"{'MFLOP':>8} {'floor ms':>8} {'EP/floor':>8} {'prod ms':>8} {'EP/prod':>7}  {'anchor':<12} "
+        f"{'speedup':>7} {'replica ms':>10} {'speedup':>7} {'torch ms':>8} {'native':>6} {'no-graph ms':>11} "
+        f"{'graphs':>6}",
     ]
     for name, r in report["configs"].items():
         anchor = f"{r['anchor']} {r['anchor_ms']:g}" if r["anchor"] else "-"
@@ -303,13 +312,18 @@ def format_table(report: dict[str, Any]) -> str:
         compiled = f"{r['native_speedup']:.2f}x" if r.get("native_speedup") else "-"
         ungraphed = f"{r['no_graphs_ms_per_batch']:.3f}" if r.get("no_graphs_ms_per_batch") else "-"
         graphs_gain = f"{r['cuda_graphs_speedup']:.2f}x" if r.get("cuda_graphs_speedup") else "-"
+        products, to_products = (f"{r['products_ms']:.3f}", f"{r['ratio_to_products']:.2f}") \
+            if r.get("products_ms") else ("-", "-")
         lines.append(
             f"{name:<3} {r['network']:<20} {r['batch']:>5}  {r['phases']:<30} {r['ms_per_batch']:>8.3f} "
             f"{r['bp_ms_per_batch']:>7.3f} {r['ratio_to_bp']:>6.2f} {r['flop_floor_mflop']:>8.1f} "
-            f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f}  {anchor:<12} {speedup:>7} {replica:>10} "
-            f"{same_run:>7} {loops:>8} {compiled:>6} {ungraphed:>11} {graphs_gain:>6}")
+            f"{r['flop_floor_ms']:>8.3f} {r['ratio_to_floor']:>8.2f} {products:>8} {to_products:>7}  "
+            f"{anchor:<12} {speedup:>7} {replica:>10} {same_run:>7} {loops:>8} {compiled:>6} {ungraphed:>11} "
+            f"{graphs_gain:>6}")
     lines += ["", "EP ms: median of rule.compute_grads (free + nudged phases + .grad); BP ms: median of zero_grad + "
-              "forward + backward + SGD step of the same MLP (Linear + sigmoid); anchor: the public code's ms per "
+              "forward + backward + SGD step of the same MLP (Linear + sigmoid); floor ms: the FLOP floor at the large "
+              "sgemm's rate; prod ms: the floor's products at the rate of their own batch-sized shapes (the "
+              "faster layout of each, measured in this run; '-' for conv configs); anchor: the public code's ms per "
               "batch on issue 4's machine, 1 thread, and our speedup over it; replica ms: the anchor's training "
               "step rewritten in earlyprop.replicas (its ops, the same gradient), timed in this run, and our "
               "speedup over it; torch ms: the same EP step with the torch loops instead of the compiled kernels "

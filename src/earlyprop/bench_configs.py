@@ -74,24 +74,34 @@ def sgemm_shape(device: torch.device) -> tuple[int, int, int]:
 
 
 def small_shapes(configs: Sequence[BenchConfig]) -> list[tuple[int, int, int]]:
-    """The batch-sized products the configs really multiply: (batch, n_k, n_k+1) per dense weight matrix."""
-    shapes = {(c.batch, a, b) for c in configs for a, b in list(zip(c.sizes[:-1], c.sizes[1:]))[len(c.conv):]}
+    """The batch-sized products the configs really multiply, (m, k, n): those of a dense config's floor
+    (:func:`floor_products`), and (batch, n_k, n_k+1) per dense matrix after a conv config's conv layers."""
+    shapes = {shape for c in configs if not c.conv for shape, _ in floor_products(c)}
+    shapes |= {(c.batch, a, b) for c in configs if c.conv
+               for a, b in list(zip(c.sizes[:-1], c.sizes[1:]))[len(c.conv):]}
     return sorted(shapes, key=lambda t: (t[0], -t[1], -t[2]))
 
 
 # ------------------------------------------------------------------------------------------ FLOP floor
 def flop_floor(cfg: BenchConfig) -> float:
-    """FLOPs (2 per multiply-add) a lean EP step of ``cfg`` needs: x's drive once per batch (x is clamped in
-    every phase), both directions of every hidden-hidden or hidden-output matrix per step (Euler step or
-    block sweep alike), and the gradient as one fused difference: one product for W_1 (its pre side, x,
-    is the same in both phases), two for every other matrix (both of its sides moved)."""
+    """FLOPs (2 per multiply-add) a lean EP step of ``cfg`` needs: those of :func:`floor_products` (a dense chain),
+    or of :func:`conv_flop_floor`."""
     if cfg.conv:
         return conv_flop_floor(cfg)
+    return 2.0 * sum(m * k * n * count for (m, k, n), count in floor_products(cfg))
+
+
+def floor_products(cfg: BenchConfig) -> list[tuple[tuple[int, int, int], int]]:
+    """The products a lean EP step of a dense ``cfg`` cannot avoid, as ((m, k, n), how many): x's drive once per
+    batch (x is clamped in every phase), both directions of every hidden-hidden or hidden-output matrix per step
+    (Euler step or block sweep alike), and the gradient as one fused difference: one product for W_1 (its pre
+    side, x, is the same in both phases), two for every other matrix (both of its sides moved)."""
     n, b = cfg.sizes, cfg.batch
-    inner = sum(n[k] * n[k + 1] for k in range(1, len(n) - 1))  # matrices between free layers
     steps = cfg.free_steps + cfg.nudged_phases * cfg.nudge_steps
-    macs = b * n[0] * n[1] + steps * 2 * b * inner + (b * n[0] * n[1] + 2 * b * inner)
-    return 2.0 * macs
+    products = [((b, n[0], n[1]), 1), ((n[1], b, n[0]), 1)]
+    for pre, post in zip(n[1:-1], n[2:]):  # the matrices between free layers
+        products += [((b, pre, post), steps), ((b, post, pre), steps), ((post, b, pre), 2)]
+    return products
 
 
 def conv_flop_floor(cfg: BenchConfig) -> float:

@@ -239,6 +239,13 @@ def test_bench_cli_json(tmp_path):
                 "replica_ms_per_batch", "speedup_vs_replica"):
         assert isinstance(row[key], float) and row[key] > 0
     assert row["flop_floor_mflop"] == pytest.approx(41.36, abs=0.01)  # 2 x 20.68M multiply-adds
+    # the same products at the rates of their own shapes, each measured in this run (the faster layout)
+    rates = report["machine"]["small_sgemm_gflops"]
+    assert set(rates) == {"20x784x500", "500x20x784", "20x500x10", "20x10x500", "10x20x500"}
+    macs_per_gflops = (20 * 784 * 500 * (1 / rates["20x784x500"] + 1 / rates["500x20x784"])
+                       + 20 * 500 * 10 * (24 / rates["20x500x10"] + 24 / rates["20x10x500"] + 2 / rates["10x20x500"]))
+    assert row["products_ms"] == pytest.approx(2 * macs_per_gflops / 1e9 * 1e3, rel=1e-12)  # 2 FLOPs per MAC
+    assert row["ratio_to_products"] == pytest.approx(row["ms_per_batch"] / row["products_ms"], rel=1e-12)
     assert report["matmul_gflops"] > 0 and report["machine"]["threads"] == 1
     assert report["machine"]["device_name"] and "float32_matmul_precision" in report["machine"]
     assert json.loads((tmp_path / "bench.json").read_text())["configs"]["A"]["repeats"] == row["repeats"] == 3
@@ -246,7 +253,7 @@ def test_bench_cli_json(tmp_path):
 
 def test_bench_gpu_config_g():
     """Issue 4's GPU budget: 784-1024-1024-10, batch 256, 20 + 4 Euler steps at eps 0.5, one-sided EP."""
-    from earlyprop.bench_configs import CONFIGS, flop_floor, small_shapes
+    from earlyprop.bench_configs import CONFIGS, floor_products, flop_floor, small_shapes
     from earlyprop.commands.bench import _configs
 
     g = CONFIGS["G"]
@@ -255,7 +262,12 @@ def test_bench_gpu_config_g():
     # x's drive and the fused W1 gradient: 2 x 256x784x1024; 24 steps + the gradient: both directions of W2, W3
     inner = 1024 * 1024 + 1024 * 10
     assert flop_floor(g) == 2.0 * (2 * 256 * 784 * 1024 + (24 + 1) * 2 * 256 * inner)
-    assert small_shapes([g]) == [(256, 1024, 1024), (256, 1024, 10), (256, 784, 1024)]
+    # every product of that floor, by shape: drive, W1's gradient, both directions and the gradients of W2, W3
+    assert floor_products(g) == [((256, 784, 1024), 1), ((1024, 256, 784), 1),
+                                 ((256, 1024, 1024), 24), ((256, 1024, 1024), 24), ((1024, 256, 1024), 2),
+                                 ((256, 1024, 10), 24), ((256, 10, 1024), 24), ((10, 256, 1024), 2)]
+    assert small_shapes([g]) == [(10, 256, 1024), (256, 1024, 1024), (256, 1024, 10), (256, 784, 1024),
+                                 (256, 10, 1024), (1024, 256, 1024), (1024, 256, 784)]
     assert _configs("a,g") == ["A", "G"]
 
 
