@@ -21,6 +21,11 @@ from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import Sigmoid, Tanh
 from earlyprop.solvers import nudge_curvature, nudged_minimiser, on_concave_rows
 
+# On CPU, MKL multiplies a batch-sized block by a transposed view of W (the forward products) ~30% slower than by a
+# contiguous matrix; a copy of W^T costs ~6 steps of that gain, so a phase this long multiplies by copies
+# (BENCHMARKS.md, 2026-11-28 18:45-21:00: config D 244.8 -> 236.2 ms per batch).
+LONG_PHASE = 32
+
 
 class Chain:
     """The plain layered chain x - h_1 - ... - h_L as bare tensors, for the lean loops of ``relax``.
@@ -42,8 +47,9 @@ class Chain:
     phase, and :meth:`result` hands back a copy.
     """
 
-    def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence, graphs: bool = False):
-        self.layout = layout
+    def __init__(self, layout: ChainLayout, state: Sequence[Tensor], static: Sequence, graphs: bool = False,
+                 steps: int | None = None):
+        self.layout, self.steps = layout, steps
         self.n, self.w, self.rhos, self.sizes = layout.n, layout.w, layout.rhos, layout.sizes
         n = self.n
         self.bounds, self.hard, self.uniform = layout.bounds, layout.hard, layout.uniform
@@ -71,7 +77,7 @@ class Chain:
         per step."""
         if self.hflat is None:
             self.hflat = self.buffer("fields")
-            self.h, self.wt = self.views(self.hflat), [None, *(w.t() for w in self.w[1:])]
+            self.h, self.wt = self.views(self.hflat), [None, None, *map(self.transposed, range(2, self.n + 1))]
         hard = [k for k in range(1, self.n + 1) if self.hard[k] and not self.plain[k]]
         if hard:  # clip(s) == s exactly iff every unit is in [0, 1] (a NaN compares unequal)
             runs = [run for _, _, _, run in self.clamp_plan(hard)]
@@ -79,12 +85,19 @@ class Chain:
                 for k in hard:
                     self.plain[k] = True
 
+    def transposed(self, k: int) -> Tensor:
+        """W_k^T, the right operand of layer k's product from below: a view, or a contiguous copy where that is
+        faster (:data:`LONG_PHASE`: CPU, a phase of that many steps or more, a row-major layer, no graphs)."""
+        copy = (self.layout.device.type == "cpu" and self.graphs is None and self.steps is not None
+                and self.steps >= LONG_PHASE and not self.unit_major[k] and not self.unit_major[k - 1])
+        return self.w[k].t().contiguous() if copy else self.w[k].t()
+
     @staticmethod
     def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True,
-           graphs: bool = False) -> Chain | None:
+           graphs: bool = False, steps: int | None = None) -> Chain | None:
         """The chain of ``network``, or None where the general loop must run; ``native``: let the compiled CPU
         kernels of :mod:`earlyprop.native` run its steps where they apply; ``graphs``: run stretches of fixed steps
-        as CUDA graphs (on CUDA; no effect elsewhere)."""
+        as CUDA graphs (on CUDA; no effect elsewhere); ``steps``: the phase's budget, if known."""
         if autocast_enabled(state[0].device.type):  # its out= products need one dtype: mixed precision runs general
             return None
         weights = dense_chain(network)
@@ -95,7 +108,7 @@ class Chain:
                 nudge is not None and (nudge.target.dtype != dtype or
                                        (isinstance(nudge.beta, Tensor) and nudge.beta.dtype != dtype))):
             return None
-        return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static, graphs)
+        return Chain(ChainLayout.of(network, weights, state[0].shape[0], native), state, static, graphs, steps)
 
     def buffer(self, name: str) -> Tensor:
         """A scratch buffer laid out like the state: the layout's own in graph mode, else a new one."""

@@ -166,7 +166,7 @@ def relax(
         # the lean loops of chain.Chain: same equations, for the plain layered chain without the extras
         lean = not (differentiable or sigma > 0 or fixed_layers or not rho_prime_factor) and (
             nudge is None or type(nudge.cost) is SquaredError)
-        chain = Chain.of(network, state, static, nudge, native, cuda_graphs) if lean else None
+        chain = Chain.of(network, state, static, nudge, native, cuda_graphs, steps) if lean else None
         if chain is not None:
             s = chain.state
         else:

@@ -125,6 +125,28 @@ def test_block_solver_chain_matches_general_loop(nudge, layout):
     assert abs(fd.residual - sd.residual) <= TOL
 
 
+def test_a_long_phase_multiplies_by_contiguous_copies_of_w_transposed(monkeypatch):
+    """On CPU a phase of LONG_PHASE steps or more multiplies by contiguous copies of W^T (faster in MKL), a short one
+    by views of W; the results are the general loop's either way."""
+    import earlyprop.chain as chain_module
+
+    monkeypatch.setattr(native, "numba", None)  # the torch loops
+    monkeypatch.setattr(chain_layout, "UNIT_MAJOR_WIDTH", 6)  # DEEP's 9 and 7 units row-major, 5 and 4 unit-major
+    net, general = twin(DEEP, "hard_sigmoid")
+    x, d = data(DEEP)
+    for steps in (chain_module.LONG_PHASE - 1, chain_module.LONG_PHASE):
+        state = net.init_state(x)
+        chain = Chain.of(net, state, net.static_fields(state), steps=steps)
+        chain.prepare_torch_loops()
+        for k in range(2, len(DEEP)):
+            w_t = chain.wt[k]
+            assert torch.equal(w_t, chain.w[k].t())
+            copied = steps >= chain_module.LONG_PHASE and k == 2  # layers 1 and 2 both row-major
+            assert (w_t.data_ptr() != chain.w[k].data_ptr()) == copied and w_t.is_contiguous() == copied
+        kw = dict(steps=steps, eps=0.5, project=True, beta=0.4, target=d)
+        assert_same(relax(net, net.init_state(x), **kw)[0], relax(general, general.init_state(x), **kw)[0])
+
+
 def test_nudged_phase_from_a_state_outside_the_box():
     """A start outside [0, 1] (no projection yet) takes the generic rho/rho' until the first clip."""
     net, general = twin(SMALL, "hard_sigmoid")
