@@ -245,8 +245,8 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
 
     The measurements are interleaved: each of ``rounds`` rounds times a share of every config's EP and
     backprop batches (and, with ``replicas``, of its anchor's replica, :mod:`earlyprop.replicas`) and the sgemm
-    rate, so that a burst of load on a shared machine hits all of them alike and the ratios (EP/BP, EP/floor,
-    replica/EP) stay meaningful; medians are over all batches.
+    rate and the batch-sized products' rates, so that a burst of load on a shared machine hits all of them alike and
+    the ratios (EP/BP, EP/floor, EP/prod, replica/EP) stay meaningful; medians are over all batches and rounds.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -254,16 +254,18 @@ def run_bench(names: Sequence[str], device: torch.device, repeats: int | None = 
     counts = {name: repeats or CONFIGS[name].repeats for name in names}
     rounds = max(1, min(rounds, *counts.values()))
     big, rates = sgemm_shape(device), []
+    shapes, small_rates = small_shapes([runner.cfg for runner in runners.values()]), []
     for r in range(rounds):
         rates.append(sgemm_gflops(big, device, repeats=3 if r else 5))
+        small_rates.append({s: max(sgemm_gflops(s, device, repeats=5), sgemm_gflops(s, device, 5, transposed=False))
+                            for s in shapes})  # the faster layout of each shape
         for name, runner in runners.items():
             if progress and r == 0:
                 cfg = runner.cfg
                 progress(f"config {name}: {'-'.join(map(str, cfg.sizes))}, batch {cfg.batch}, {cfg.phases()}")
             runner.measure(max(1, -(-counts[name] // rounds)), warmup=warmup(device) + 1 if r == 0 else 0)
     gflops = statistics.median(rates)
-    shapes = small_shapes([runner.cfg for runner in runners.values()])
-    small = {s: max(sgemm_gflops(s, device), sgemm_gflops(s, device, transposed=False)) for s in shapes}
+    small = {s: statistics.median(measured[s] for measured in small_rates) for s in shapes}
     configs = {}
     for name, runner in runners.items():
         cfg, row = runner.cfg, runner.result()
