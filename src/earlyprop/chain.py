@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.chain_rates import slope_of, smooth_rate_calls
 from earlyprop.cuda_graphs import StepGraphs
 from earlyprop.native_chain import NativeChain
 from earlyprop.network import Network, all_finite
@@ -128,7 +129,7 @@ class Chain:
         return [self.state[0], *self.views(self.flat.clone())[1:]]
 
     def scalar(self, value: float) -> Tensor:
-        """A 0-d tensor for ``value``, made once per layout and never written (see _smooth_rate_calls)."""
+        """A 0-d tensor for ``value``, made once per layout and never written (see chain_rates.smooth_rate_calls)."""
         if value not in self._scalars:  # a fill on the device: torch.tensor(value, device=cuda) would copy and sync
             self._scalars[value] = torch.full((), value, dtype=self.flat.dtype, device=self.flat.device)
         return self._scalars[value]
@@ -149,9 +150,9 @@ class Chain:
         n, s, rho = self.n, self.s, self.rhos[1]
         if self.uniform:  # one op chain over the flat buffer for every layer
             r = rho.rho(self.flat)
-            return self.views(r), _slope(rho, r, self.flat), 1.0
+            return self.views(r), slope_of(rho, r, self.flat), 1.0
         r = [None, *(s[k] if self.plain[k] else self.rhos[k].rho(s[k]) for k in range(1, n + 1))]
-        slopes = [None, *(None if self.plain[k] else _slope(self.rhos[k], r[k], s[k]) for k in range(1, n + 1))]
+        slopes = [None, *(None if self.plain[k] else slope_of(self.rhos[k], r[k], s[k]) for k in range(1, n + 1))]
         return r, slopes, 1.0
 
     def fixed_rates(self) -> tuple[list, list, Tensor | None, float] | None:
@@ -166,7 +167,7 @@ class Chain:
         if self.rbuf is None:
             self.rbuf, self.pbuf = self.buffer("rates"), self.buffer("slopes")
             self.r = self.views(self.rbuf)
-        calls, alpha = _smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
+        calls, alpha = smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
         return calls, self.r, self.pbuf, alpha
 
     def field_calls(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> list:
@@ -390,29 +391,3 @@ def repeated(step: Callable, graphs: StepGraphs | None = None, fixed_calls: Call
         return step(measure, **options) if last else None
 
     return advance
-
-
-def _smooth_rate_calls(rho, s: Tensor, r: Tensor, slope: Tensor, scalar) -> tuple[list, float]:
-    """The calls that put r = rho(s) and rho'(s) / factor into ``r`` and ``slope``, and the factor (the logistic
-    gain, which the fields then carry as addmm's alpha: one op fewer per step). Same formulas as the classes'
-    methods, in another order: equal up to round-off. ``scalar`` makes 0-d tensors: a Python float operand
-    costs an extra ~3 us per op (it is wrapped into a tensor on every call)."""
-    if type(rho) is Sigmoid:  # sigmoid(g s - g shift), and g r (1 - r) = g (r - r^2)
-        return [partial(torch.add, scalar(-rho.gain * rho.shift), s, alpha=rho.gain, out=r), r.sigmoid_,
-                partial(torch.addcmul, r, r, r, value=-1.0, out=slope)], rho.gain
-    slope_call = partial(torch.addcmul, scalar(1.0), r, r, value=-1.0, out=slope)  # 1 - r^2
-    if s.device.type != "cpu":
-        return [partial(torch.tanh, s, out=r), slope_call], 1.0
-    # tanh(s) = 2 sigmoid(2 s) - 1: torch's CPU tanh costs ~3 sigmoids, and this is as exact in absolute terms
-    # (within 1.5 ulp of 1: 3.3e-16 in float64, 1.8e-7 in float32; tests/speed/test_fast_paths.py)
-    double, unshift = partial(torch.mul, s, scalar(2.0), out=r), partial(torch.add, scalar(-1.0), r, alpha=2.0, out=r)
-    return [double, r.sigmoid_, unshift, slope_call], 1.0
-
-
-def _slope(rho, r: Tensor, s: Tensor) -> Tensor:
-    """rho'(s) given r = rho(s): the smooth rates' formulas reuse r (as their own rho_prime computes it)."""
-    if type(rho) is Sigmoid:
-        return rho.gain * r * (1.0 - r)
-    if type(rho) is Tanh:
-        return 1.0 - r**2
-    return rho.rho_prime(s)
