@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from earlyprop import native
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.chain_rates import slope_of, smooth_rate_calls
 from earlyprop.cuda_graphs import StepGraphs
@@ -170,19 +172,21 @@ class Chain:
         calls, alpha = smooth_rate_calls(rho, self.flat, self.rbuf, self.pbuf, self.scalar)
         return calls, self.r, self.pbuf, alpha
 
-    def field_calls(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0) -> list:
+    def field_calls(self, r: list, k: int, out: Tensor, static: Tensor | None = None, alpha: float = 1.0,
+                    products_only: bool = False) -> list:
         """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (``static`` holds b_k and x's drive;
         with ``alpha`` the products are scaled, and ``static`` must be too), as calls bound to their tensors, to
-        run now or to replay at every step."""
+        run now or to replay at every step; ``products_only``: without the static part (and alpha 1)."""
         static = self.static[k] if static is None else static
+        first = partial(torch.mm, out=out) if products_only else partial(torch.addmm, static, alpha=alpha, out=out)
         if k > 1:
-            calls = [partial(torch.addmm, static, r[k - 1], self.wt[k], alpha=alpha, out=out)]
+            calls = [partial(first, r[k - 1], self.wt[k])]
             if k < self.n:
                 calls.append(partial(out.addmm_, r[k + 1], self.w[k + 1], alpha=alpha))
             return calls
         if self.n > 1:
-            return [partial(torch.addmm, static, r[2], self.w[2], alpha=alpha, out=out)]
-        return [partial(out.copy_, static)]
+            return [partial(first, r[2], self.w[2])]
+        return [out.zero_ if products_only else partial(out.copy_, static)]
 
     def replayable(self, plans: list) -> bool:
         """Whether a step can be replayed as fixed calls: every layer plain (rho(s) = s, rho'(s) = 1) and kept
@@ -192,6 +196,21 @@ class Chain:
         clipped = {k for plan in plans for lo, hi, _, _ in plan for k in range(1, self.n + 1)
                    if lo <= self.span[k][0] < hi}
         return all(k in clipped for k in range(1, self.n + 1) if self.hard[k])
+
+    def fused_move(self, plan: list, eps: float, pulled: Tensor | None) -> Callable | None:
+        """The compiled update s <- clip(s + eps (h + static - s)) over the whole state, bound to this chain's buffers
+        and to a buffer of its static fields (the driven layer's with the nudge's pull, ``pulled``), or None where one
+        pass cannot do it: a projection other than one interval over the whole state."""
+        if plan and (len(plan) > 1 or plan[0][:2] != (0, self.flat.numel())):
+            return None
+        dtype = self.flat.numpy().dtype.type
+        lo, hi = plan[0][2] if plan else (-np.inf, np.inf)
+        static = self.buffer("static fields")
+        views = self.views(static)
+        for k in range(1, self.n + 1):
+            views[k].copy_(pulled if k == self.n and pulled is not None else self.static[k])
+        return partial(native.move_toward_fields, self.flat.numpy(), self.hflat.numpy(), static.numpy(), dtype(eps),
+                       dtype(lo), dtype(hi))
 
     def clamp_plan(self, layers) -> list[tuple[int, int, tuple[float, float], Tensor]]:
         """(start, stop, bounds, slice of the state buffer) runs of the flat layout that project ``layers``: one
@@ -271,7 +290,29 @@ class Chain:
                 replay[key] = calls
             return calls
 
+        fused: list = []  # step(False) as the products and one compiled update, made once every layer is plain
+
+        def fused_calls() -> list | None:
+            """The products without the static fields (the nudge's -k s term on the driven layer's) and
+            :func:`earlyprop.native.move_toward_fields`, which adds them in its pass: where the layout allows it
+            (:meth:`fused_move`) and every layer is plain and stays so."""
+            if not fused and self.replayable([plan]):
+                move = self.fused_move(plan, eps, static_pulled if nudge is not None else None)
+                if move is None:
+                    return None
+                fused.extend(call for j in layers
+                             for call in self.field_calls(self.s, j, self.h[j], products_only=True))
+                if nudge is not None:
+                    fused.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
+                                 else partial(self.h[n].add_, self.s[n], alpha=-k))
+                fused.append(move)
+            return fused or None
+
         def step(measure: bool, commit: bool = True) -> float | None:
+            if not measure and self.layout.fused_update and self.graphs is None and fused_calls() is not None:
+                for call in fused:
+                    call()
+                return None
             for call in drive_calls():
                 call()
             if not measure:

@@ -54,6 +54,9 @@ class ChainLayout:
         self.batch, self.length = batch, start
         self.scalars: dict[float, Tensor] = {}  # 0-d constants on the device (Chain.scalar), never written
         self.kernels = KernelLayout(self, batch) if compiled else None
+        # the torch loops' update in one compiled pass where the kernels may run but the chain's products are past them
+        self.fused_update = (cpu and native and native_kernels.available() and not compiled
+                             and self.dtype in (torch.float32, torch.float64))
         self.step_plans: dict = {}  # earlyprop.step_plan's, for the rules that run their step on this layout
         self._graphs: tuple | None = None  # (StepGraphs, PhaseBuffers) of the chains in graph mode, made on first use
 

@@ -321,6 +321,16 @@ def _move(s, target, rate, lo, hi, measure, commit):
 
 
 @_jit
+def move_toward_fields(s, fields, static, rate, lo, hi):
+    """s <- clip(s + rate (fields + static - s), lo, hi) over whole flat buffers: the torch loops' Euler update of
+    plain layers (rho(s) = s, rho'(s) = 1) with the static fields added in the same pass (one call instead of
+    addmm's copies of them, a lerp and a clamp: :meth:`earlyprop.chain.Chain.euler_stepper`)."""
+    for i in range(s.shape[0]):
+        v = s[i]
+        s[i] = _clip(v + rate * (fields[i] + static[i] - v), lo, hi)
+
+
+@_jit
 def euler_steps(s, r, slope, rows, statics, pull, kpull, layout, params, weights, eps, count, measure, commit, project,
                 nudged):
     """``count`` leaky-integrator steps s <- s + eps (G - s), G = rho'(s) h(s) + pull - kpull s on the driven

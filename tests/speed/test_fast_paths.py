@@ -69,14 +69,18 @@ RHOS = [("hard_sigmoid", True), ("hard_sigmoid", False), (Sigmoid(4.0, 0.5), Fal
 NUDGES = [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE), dict(beta=-1.0), dict(beta=0.5, nudge_scale="none")]
 
 
-@pytest.fixture(params=["compiled", "narrow-unit-major", "all-row-major", "all-unit-major"])
+@pytest.fixture(params=["compiled", "fused-update", "narrow-unit-major", "all-row-major", "all-unit-major"])
 def layout(request, monkeypatch):
     """The lean chain's loops: the compiled kernels (earlyprop.native, where numba is installed and the chain
-    fits them), and the torch loops in their memory layouts: narrow layers unit-major (the CPU default), every
-    layer row-major (as on a GPU), every layer unit-major."""
-    if request.param == "compiled":
+    fits them); the torch loops with their update in one compiled pass (numba installed, the chain's products
+    past the kernels); and the torch loops alone in their memory layouts: narrow layers unit-major (the CPU
+    default), every layer row-major (as on a GPU), every layer unit-major."""
+    if request.param in ("compiled", "fused-update"):
         if not native.available():
             pytest.skip("numba is not installed: the compiled kernels do not exist here (pip install numba)")
+        if request.param == "fused-update":
+            monkeypatch.setattr(native, "MAX_STEP_MACS", 0)  # no chain fits the kernels: the torch loops run
+            monkeypatch.setattr(chain_layout, "UNIT_MAJOR_WIDTH", 6)
         return request.param
     monkeypatch.setattr(native, "numba", None)  # as on a machine without numba
     width = {"narrow-unit-major": 6, "all-row-major": 0, "all-unit-major": 10**6}[request.param]
@@ -145,6 +149,31 @@ def test_a_long_phase_multiplies_by_contiguous_copies_of_w_transposed(monkeypatc
             assert (w_t.data_ptr() != chain.w[k].data_ptr()) == copied and w_t.is_contiguous() == copied
         kw = dict(steps=steps, eps=0.5, project=True, beta=0.4, target=d)
         assert_same(relax(net, net.init_state(x), **kw)[0], relax(general, general.init_state(x), **kw)[0])
+
+
+@pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled update (pip install numba)")
+@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE)])
+def test_torch_loops_update_in_one_compiled_pass_where_the_kernels_do_not_fit(nudge, monkeypatch):
+    """Past the kernels' products (MAX_STEP_MACS), the torch loops still move the state in one compiled pass that
+    adds the static fields (native.move_toward_fields): every unmeasured step once the layers are plain, never with
+    native=False; the states are the general loop's."""
+    monkeypatch.setattr(native, "MAX_STEP_MACS", 0)
+    moves = []
+    move = native.move_toward_fields
+    monkeypatch.setattr(native, "move_toward_fields", lambda *args: (moves.append(args[0].shape), move(*args)))
+    net, general = twin(DEEP, "hard_sigmoid")
+    x, d = data(DEEP)
+    kw = dict(steps=40, eps=0.5, project=True, tol=1e-9, check_every=10, **nudge)
+    if "beta" in nudge:
+        kw["target"] = d
+    fast, fd = relax(net, net.init_state(x), **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert_same(fast, slow)
+    assert fd.steps == sd.steps == 40 and abs(fd.residual - sd.residual) <= TOL
+    assert len(moves) == 36 and set(moves) == {(x.shape[0] * sum(DEEP[1:]),)}  # 4 checks measure their step
+    moves.clear()
+    relax(net, net.init_state(x), native=False, **kw)
+    assert not moves
 
 
 def test_nudged_phase_from_a_state_outside_the_box():
