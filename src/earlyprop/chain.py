@@ -3,7 +3,8 @@
 For a plain layered net (input clamped, output driven, one ``Dense`` term per consecutive pair) ``relax``
 runs these loops instead of the general one: the same equations (the Euler step of BF-1 with the nudge of
 BF-9, and the block updates of :mod:`earlyprop.solvers`), with the free layers in one flat buffer so that
-each step is a handful of ops (issue 4; tests/speed/test_fast_paths.py compares the two loops).
+each step is a handful of ops (issue 4; tests/speed/test_fast_paths.py compares the two loops). The steps run in
+the compiled kernels (:mod:`earlyprop.native`) or the torch loops (:mod:`earlyprop.chain_loops`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from earlyprop import native
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
+from earlyprop.chain_loops import block_loop, euler_loop
 from earlyprop.chain_rates import slope_of, smooth_rate_calls
-from earlyprop.cuda_graphs import StepGraphs
 from earlyprop.native_chain import NativeChain
 from earlyprop.network import Network, all_finite
 from earlyprop.nonlinearity import Sigmoid, Tanh
-from earlyprop.solvers import nudge_curvature, nudged_minimiser, on_concave_rows
+from earlyprop.solvers import nudge_curvature
 
 # On CPU, MKL multiplies a batch-sized block by a transposed view of W (the forward products) ~30% slower than by a
 # contiguous matrix; a copy of W^T costs ~6 steps of that gain, so a phase this long multiplies by copies
@@ -197,21 +196,6 @@ class Chain:
                    if lo <= self.span[k][0] < hi}
         return all(k in clipped for k in range(1, self.n + 1) if self.hard[k])
 
-    def fused_move(self, plan: list, eps: float, pulled: Tensor | None) -> Callable | None:
-        """The compiled update s <- clip(s + eps (h + static - s)) over the whole state, bound to this chain's buffers
-        and to a buffer of its static fields (the driven layer's with the nudge's pull, ``pulled``), or None where one
-        pass cannot do it: a projection other than one interval over the whole state."""
-        if plan and (len(plan) > 1 or plan[0][:2] != (0, self.flat.numel())):
-            return None
-        dtype = self.flat.numpy().dtype.type
-        lo, hi = plan[0][2] if plan else (-np.inf, np.inf)
-        static = self.buffer("static fields")
-        views = self.views(static)
-        for k in range(1, self.n + 1):
-            views[k].copy_(pulled if k == self.n and pulled is not None else self.static[k])
-        return partial(native.move_toward_fields, self.flat.numpy(), self.hflat.numpy(), static.numpy(), dtype(eps),
-                       dtype(lo), dtype(hi))
-
     def clamp_plan(self, layers) -> list[tuple[int, int, tuple[float, float], Tensor]]:
         """(start, stop, bounds, slice of the state buffer) runs of the flat layout that project ``layers``: one
         run when they are contiguous and share their interval (all hard-sigmoid layers), else one per layer."""
@@ -237,198 +221,18 @@ class Chain:
     def finite(self) -> bool:
         return all_finite(self.flat)
 
-    def euler_stepper(self, eps: float, nudge, nudge_factor: float, project: bool):
-        """``advance(measure, commit=True, count=1)``: ``count`` leaky-integrator steps (BF-1 with the nudge of
-        BF-9), in place, the last one measured when ``measure``.
-
-        s + eps (R - s) - c beta (s - d) = lerp(s, G, eps) with G = R - k (s - d), k = c beta / eps, so the whole
-        update is one lerp over the flat buffer; on the driven layer k d joins the static field. With
-        ``commit=False`` it only measures the step (the residual max|step| / eps), leaving the state alone.
-        """
+    def euler_stepper(self, eps: float, nudge, nudge_factor: float, project: bool) -> Callable:
+        """``advance(measure, commit=True, count=1)``: ``count`` leaky-integrator steps (BF-1 with the nudge of BF-9),
+        in the compiled kernels (:mod:`earlyprop.native`) or the torch loops (:func:`chain_loops.euler_loop`)."""
         if self.native is not None:
             return self.native.euler_stepper(eps, nudge, nudge_factor, project)
-        self.prepare_torch_loops()
-        n, layers = self.n, range(1, self.n + 1)
-        plan = self.clamp_plan(layers) if project else []
-        eps_t = self.scalar(eps)
-        if nudge is not None:
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else nudge.beta
-            k = nudge_factor * beta / eps
-            k = self.kept("nudge k", k) if isinstance(k, Tensor) else k
-            pull = self.kept("pull", k * nudge.target)
-            static_pulled = self.kept("static pulled", self.static[n] + pull)
+        return euler_loop(self, eps, nudge, nudge_factor, project)
 
-        scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
-        replay: dict[tuple, list] = {}  # the drive's calls per set of plain layers, when the rates are fixed
-
-        def drive_calls() -> list:
-            """rho, the fields, rho' and the nudge: G of the docstring into the field buffer, as bound calls."""
-            key = tuple(self.plain)
-            if key in replay:
-                return replay[key]
-            fixed = self.fixed_rates()
-            calls, r, slope, alpha = fixed if fixed is not None else ([], *self.rates())
-            statics = [None] * (n + 1)
-            if alpha != 1.0:
-                if alpha not in scaled:
-                    scaled[alpha] = [None, *(self.kept(f"scaled static {j}", alpha * st)
-                                             for j, st in enumerate(self.static[1:], 1))]
-                statics = scaled[alpha]
-            elif nudge is not None and self.plain[n]:
-                statics[n] = static_pulled
-            calls = [*calls, *(call for j in layers for call in self.field_calls(r, j, self.h[j], statics[j], alpha))]
-            if isinstance(slope, Tensor):
-                calls.append(partial(self.hflat.mul_, slope))
-            elif slope is not None:
-                calls += [partial(self.h[j].mul_, slope[j]) for j in layers if slope[j] is not None]
-            if nudge is not None:
-                if statics[n] is not static_pulled:
-                    calls.append(partial(self.h[n].add_, pull))
-                calls.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
-                             else partial(self.h[n].add_, self.s[n], alpha=-k))
-            if fixed is not None:  # every tensor bound here stays the same from step to step
-                replay[key] = calls
-            return calls
-
-        fused: list = []  # step(False) as the products and one compiled update, made once every layer is plain
-
-        def fused_calls() -> list | None:
-            """The products without the static fields (the nudge's -k s term on the driven layer's) and
-            :func:`earlyprop.native.move_toward_fields`, which adds them in its pass: where the layout allows it
-            (:meth:`fused_move`) and every layer is plain and stays so."""
-            if not fused and self.replayable([plan]):
-                move = self.fused_move(plan, eps, static_pulled if nudge is not None else None)
-                if move is None:
-                    return None
-                fused.extend(call for j in layers
-                             for call in self.field_calls(self.s, j, self.h[j], products_only=True))
-                if nudge is not None:
-                    fused.append(partial(self.h[n].addcmul_, self.s[n], k, value=-1.0) if isinstance(k, Tensor)
-                                 else partial(self.h[n].add_, self.s[n], alpha=-k))
-                fused.append(move)
-            return fused or None
-
-        def step(measure: bool, commit: bool = True) -> float | None:
-            if not measure and self.layout.fused_update and self.graphs is None and fused_calls() is not None:
-                for call in fused:
-                    call()
-                return None
-            for call in drive_calls():
-                call()
-            if not measure:
-                self.clamp(self.flat.lerp_(self.hflat, eps_t), plan, layers)
-                return None
-            new, plain = torch.lerp(self.flat, self.hflat, eps), list(self.plain)
-            self.clamp(new, plan, layers)
-            step = new - self.flat if commit else new.sub_(self.flat)
-            worst = float(step.abs_().max()) / eps if step.numel() else 0.0
-            if commit:
-                self.flat.copy_(new)
-            else:
-                self.plain = plain
-            return worst
-
-        def fixed_calls() -> list | None:
-            """step(False) as bound calls, once its calls are fixed and leave the plain flags as they are."""
-            if any(self.hard[j] and self.plain[j] != bool(plan) for j in layers):
-                return None
-            if tuple(self.plain) not in replay and self.fixed_rates() is None:
-                return None
-            return [*drive_calls(), partial(self.flat.lerp_, self.hflat, eps_t),
-                    *(partial(run.clamp_, *b) for _, _, b, run in plan)]
-
-        return repeated(step, self.graphs, fixed_calls)
-
-    def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0):
-        """``advance(measure, count=1)``: ``count`` sweeps of exact block minimisation (SC23), as ``block_sweep``
-        computes them, over-relaxed by ``omega`` (the minimisers go to the field buffer, then one lerp per parity
-        group)."""
+    def block_stepper(self, groups: list[list[int]], nudge, beta_scale: float, omega: float = 1.0) -> Callable:
+        """``advance(measure, count=1)``: ``count`` sweeps of exact block minimisation (SC23), over-relaxed by
+        ``omega``, in the compiled kernels or the torch loops (:func:`chain_loops.block_loop`)."""
         # the curvature's host sync (per-example beta) happens here, once per phase
         curvature = nudge_curvature(nudge, beta_scale, self.flat) if nudge is not None else None
         if self.native is not None and (curvature is None or curvature[1]):
             return self.native.block_stepper(nudge, beta_scale, omega, None if curvature is None else curvature[0])
-        self.prepare_torch_loops()
-        n, plans = self.n, [self.clamp_plan(group) for group in groups]
-        if nudge is not None:
-            a, convex = curvature
-            a = self.kept("curvature", a) if isinstance(a, Tensor) else self.scalar(a)  # 0-d: no per-call wrapping
-            beta = nudge.beta[:, None] if isinstance(nudge.beta, Tensor) else float(nudge.beta)
-            pull = self.kept("pull", beta * beta_scale * nudge.target)  # in the order nudged_minimiser takes them
-            static_pulled = self.kept("static pulled", self.static[n] + pull)
-        relaxed = omega != 1.0
-        target = self.h if relaxed else self.s  # where a block's minimiser goes
-        runs = [self.group_run(group) for group in groups] if relaxed else None
-        omega_t = self.scalar(omega) if relaxed else None
-        replay: list = []  # the whole sweep's calls, made once every layer is plain and stays so
-
-        def group_calls(i: int, r: list, replayed: bool = False) -> list:
-            """Group i's block update given the rates ``r``, as calls bound to their tensors; ``replayed``: the
-            plain flags are settled (:meth:`replayable`), so the projection is the bare clamps."""
-            calls: list = []
-            for k in groups[i]:
-                if k == n and nudge is not None and convex:
-                    calls += [*self.field_calls(r, k, target[k], static_pulled), partial(target[k].div_, a)]
-                elif k == n and nudge is not None:  # a bound on concave rows: the minimiser is a new tensor
-                    calls += [*self.field_calls(r, k, self.h[k]), partial(concave_minimiser, k)]
-                else:
-                    calls += self.field_calls(r, k, target[k])
-            if relaxed:
-                calls.append(partial(runs[i][0].lerp_, runs[i][1], omega_t))
-                if nudge is not None and not convex and n in groups[i]:
-                    calls.append(keep_concave_rows)
-            if replayed:
-                return [*calls, *(partial(run.clamp_, *b) for _, _, b, run in plans[i])]
-            return [*calls, partial(self.clamp, self.flat, plans[i], groups[i])]
-
-        def concave_minimiser(k: int) -> None:
-            target[k].copy_(nudged_minimiser(self.h[k], nudge, beta_scale, self.bounds[k], curvature,
-                                             clip=not relaxed))
-
-        def keep_concave_rows() -> None:
-            self.s[n].copy_(on_concave_rows(self.s[n], self.h[n], curvature))
-
-        def fixed_calls() -> list | None:
-            """A sweep as bound calls, once every layer is plain and stays so: then the rates are the state itself,
-            sweep after sweep."""
-            if not replay and self.replayable(plans):
-                replay.extend(call for i in range(len(groups)) for call in group_calls(i, self.s, replayed=True))
-            return replay or None
-
-        def sweep(measure: bool) -> float | None:
-            fixed_calls()
-            before = self.flat.clone() if measure else None
-            if replay:
-                for call in replay:
-                    call()
-            else:  # layers of one parity do not interact: each group reads the rates after the previous one
-                for i in range(len(groups)):
-                    for call in group_calls(i, self.rates()[0]):
-                        call()
-            if not measure:
-                return None  # the change per sweep scales with omega: divide it out, so tol means one thing
-            return float((self.flat - before).abs().max()) / omega if before.numel() else 0.0
-
-        return repeated(sweep, self.graphs, fixed_calls)
-
-    def group_run(self, group: list[int]) -> tuple[Tensor, Tensor]:
-        """The slices of the state and field buffers that hold a parity group (contiguous: even layers first)."""
-        lo, hi = min(self.span[k][0] for k in group), max(self.span[k][1] for k in group)
-        if hi - lo != sum(self.span[k][1] - self.span[k][0] for k in group):
-            raise AssertionError("a parity group is not contiguous in the flat layout")
-        return self.flat[lo:hi], self.hflat[lo:hi]
-
-
-def repeated(step: Callable, graphs: StepGraphs | None = None, fixed_calls: Callable | None = None) -> Callable:
-    """``step(measure, **options)``, one step, as ``advance(measure, count=1, **options)``: ``count`` steps, the
-    last one measured (and given the options). With ``graphs``, the unmeasured steps run as CUDA graphs of
-    ``fixed_calls()`` where they are fixed (:meth:`earlyprop.cuda_graphs.StepGraphs.advance`)."""
-    def advance(measure: bool, count: int = 1, **options) -> float | None:
-        if graphs is None:
-            for _ in range(count - 1):
-                step(False)
-            return step(measure, **options)
-        last = bool(measure or options)  # a measured (or measure-only) step reads the device: never in a graph
-        graphs.advance(step, fixed_calls, count - last)
-        return step(measure, **options) if last else None
-
-    return advance
+        return block_loop(self, groups, nudge, beta_scale, omega, curvature)

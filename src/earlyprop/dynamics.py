@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from earlyprop.chain import Chain, repeated
+from earlyprop.chain import Chain
+from earlyprop.chain_loops import repeated
 from earlyprop.cost import Cost, SquaredError
 from earlyprop.network import Network, State, all_finite
 from earlyprop.nudge import Nudge, check_nudge_fits, make_nudge
