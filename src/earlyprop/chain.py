@@ -25,7 +25,7 @@ from earlyprop.solvers import nudge_curvature
 
 # On CPU, MKL multiplies a batch-sized block by a transposed view of W (the forward products) ~30% slower than by a
 # contiguous matrix; a copy of W^T costs ~6 steps of that gain, so a phase this long multiplies by copies
-# (BENCHMARKS.md, 2026-11-28 18:43-19:20: config D 0.961-0.969 of its time per batch, paired).
+# (BENCHMARKS.md, 2026-11-28 18:43-19:45: config D 0.961-0.969 of its time per batch, paired).
 LONG_PHASE = 32
 
 
