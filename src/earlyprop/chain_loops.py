@@ -39,6 +39,8 @@ def euler_loop(chain: Chain, eps: float, nudge, nudge_factor: float, project: bo
         k = chain.kept("nudge k", k) if isinstance(k, Tensor) else k
         pull = chain.kept("pull", k * nudge.target)
         static_pulled = chain.kept("static pulled", chain.static[n] + pull)
+        pull_back = partial(chain.h[n].addcmul_, chain.s[n], k, value=-1.0) if isinstance(k, Tensor) \
+            else partial(chain.h[n].add_, chain.s[n], alpha=-k)  # the -k s of G on the driven layer
 
     scaled: dict[float, list] = {}  # statics times the field factor of rates(), made once per factor
     replay: dict[tuple, list] = {}  # the drive's calls per set of plain layers, when the rates are fixed
@@ -66,32 +68,29 @@ def euler_loop(chain: Chain, eps: float, nudge, nudge_factor: float, project: bo
         if nudge is not None:
             if statics[n] is not static_pulled:
                 calls.append(partial(chain.h[n].add_, pull))
-            calls.append(partial(chain.h[n].addcmul_, chain.s[n], k, value=-1.0) if isinstance(k, Tensor)
-                         else partial(chain.h[n].add_, chain.s[n], alpha=-k))
+            calls.append(pull_back)
         if fixed is not None:  # every tensor bound here stays the same from step to step
             replay[key] = calls
         return calls
 
     fused: list = []  # step(False) as the products and one compiled update, made once every layer is plain
+    fusable = chain.layout.fused_update and chain.graphs is None
 
     def fused_calls() -> list | None:
         """The products without the static fields (the nudge's -k s term on the driven layer's) and
         :func:`earlyprop.native.move_toward_fields`, which adds them in its pass: where the layout allows it
-        (:meth:`fused_move`) and every layer is plain and stays so."""
+        (:func:`_fused_move`) and every layer is plain and stays so."""
         if not fused and chain.replayable([plan]):
             move = _fused_move(chain, plan, eps, static_pulled if nudge is not None else None)
             if move is None:
                 return None
             fused.extend(call for j in layers
                          for call in chain.field_calls(chain.s, j, chain.h[j], products_only=True))
-            if nudge is not None:
-                fused.append(partial(chain.h[n].addcmul_, chain.s[n], k, value=-1.0) if isinstance(k, Tensor)
-                             else partial(chain.h[n].add_, chain.s[n], alpha=-k))
-            fused.append(move)
+            fused.extend([pull_back, move] if nudge is not None else [move])
         return fused or None
 
     def step(measure: bool, commit: bool = True) -> float | None:
-        if not measure and chain.layout.fused_update and chain.graphs is None and fused_calls() is not None:
+        if not measure and fusable and fused_calls() is not None:
             for call in fused:
                 call()
             return None
