@@ -74,16 +74,15 @@ def euler_loop(chain: Chain, eps: float, nudge, nudge_factor: float, project: bo
         return calls
 
     fused: list = []  # step(False) as the products and one compiled update, made once every layer is plain
-    fusable = chain.layout.fused_update and chain.graphs is None
+    bounds = _one_interval(chain, plan)
+    fusable = chain.layout.fused_update and chain.graphs is None and bounds is not None
 
     def fused_calls() -> list | None:
         """The products without the static fields (the nudge's -k s term on the driven layer's) and
         :func:`earlyprop.native.move_toward_fields`, which adds them in its pass: where the layout allows it
-        (:func:`_fused_move`) and every layer is plain and stays so."""
-        if not fused and chain.replayable([plan]):
-            move = _fused_move(chain, plan, eps, static_pulled if nudge is not None else None)
-            if move is None:
-                return None
+        (:func:`_one_interval`) and every layer is plain (then it stays so)."""
+        if not fused and all(chain.plain[1:]):
+            move = _fused_move(chain, bounds, eps, static_pulled if nudge is not None else None)
             fused.extend(call for j in layers
                          for call in chain.field_calls(chain.s, j, chain.h[j], products_only=True))
             fused.extend([pull_back, move] if nudge is not None else [move])
@@ -190,14 +189,19 @@ def block_loop(chain: Chain, groups: list[list[int]], nudge, beta_scale: float, 
     return repeated(sweep, chain.graphs, fixed_calls)
 
 
-def _fused_move(chain: Chain, plan: list, eps: float, pulled: Tensor | None) -> Callable | None:
-    """The compiled update s <- clip(s + eps (h + static - s)) over the whole state, bound to this chain's buffers
-    and to a buffer of its static fields (the driven layer's with the nudge's pull, ``pulled``), or None where one
-    pass cannot do it: a projection other than one interval over the whole state."""
-    if plan and (len(plan) > 1 or plan[0][:2] != (0, chain.flat.numel())):
-        return None
+def _one_interval(chain: Chain, plan: list) -> tuple[float, float] | None:
+    """The interval one pass projects the whole state onto (unbounded with no projection), or None where a step
+    needs more: a projection by layer, or a hard-sigmoid layer left unprojected (it would not stay plain)."""
+    if not plan:
+        return None if any(chain.hard[1:]) else (-np.inf, np.inf)
+    return plan[0][2] if len(plan) == 1 and plan[0][:2] == (0, chain.flat.numel()) else None
+
+
+def _fused_move(chain: Chain, bounds: tuple[float, float], eps: float, pulled: Tensor | None) -> Callable:
+    """The compiled update s <- clip(s + eps (h + static - s), *bounds) over the whole state, bound to this chain's
+    buffers and to a buffer of its static fields (the driven layer's with the nudge's pull, ``pulled``)."""
     dtype = chain.flat.numpy().dtype.type
-    lo, hi = plan[0][2] if plan else (-np.inf, np.inf)
+    lo, hi = bounds
     static = chain.buffer("static fields")
     views = chain.views(static)
     for k in range(1, chain.n + 1):

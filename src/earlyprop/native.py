@@ -324,7 +324,7 @@ def _move(s, target, rate, lo, hi, measure, commit):
 def move_toward_fields(s, fields, static, rate, lo, hi):
     """s <- clip(s + rate (fields + static - s), lo, hi) over whole flat buffers: the torch loops' Euler update of
     plain layers (rho(s) = s, rho'(s) = 1) with the static fields added in the same pass (one call instead of
-    addmm's copies of them, a lerp and a clamp: :meth:`earlyprop.chain.Chain.euler_stepper`)."""
+    addmm's copies of them, a lerp and a clamp: :func:`earlyprop.chain_loops.euler_loop`)."""
     for i in range(s.shape[0]):
         v = s[i]
         s[i] = _clip(v + rate * (fields[i] + static[i] - v), lo, hi)
