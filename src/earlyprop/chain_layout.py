@@ -10,7 +10,7 @@ from torch import Tensor
 from earlyprop import cuda_graphs
 from earlyprop import native as native_kernels
 from earlyprop.interactions import Dense
-from earlyprop.native_chain import KernelLayout
+from earlyprop.native_chain import KernelLayout, fits
 from earlyprop.network import Network
 from earlyprop.nonlinearity import HardSigmoid, Linear
 
@@ -29,7 +29,7 @@ class ChainLayout:
     building these took ~100 us of Python per phase on the development VM, as much as the 4 steps of a nudged
     phase. The key holds what they depend on: the weights' identity and storage (an optimizer's in-place update
     keeps both; replacing a parameter or moving the network changes them), the rates' identity and attributes,
-    the batch size, the kernels' switch and availability, torch's thread count (:func:`earlyprop.native.fits`) and
+    the batch size, the kernels' switch and availability, torch's thread count (:func:`earlyprop.native_chain.fits`) and
     :data:`UNIT_MAJOR_WIDTH`.
     """
 
@@ -45,7 +45,7 @@ class ChainLayout:
         self.hard = [_is_unit_hard_sigmoid(rho) for rho in rhos]
         self.uniform = all(_same_rho(rhos[k], rhos[1]) for k in range(2, n + 1))
         cpu = self.device.type == "cpu"
-        compiled = native and native_kernels.fits(rhos, sizes, weights, batch)  # they read layers row-major
+        compiled = native and fits(rhos, sizes, weights, batch)  # they read layers row-major
         self.unit_major = [False, *(cpu and not compiled and sizes[k] <= UNIT_MAJOR_WIDTH for k in range(1, n + 1))]
         start, self.span = 0, {}
         for k in [*range(2, n + 1, 2), *range(1, n + 1, 2)]:

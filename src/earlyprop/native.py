@@ -6,7 +6,7 @@ whole stretches of steps of :class:`earlyprop.chain.Chain` in one compiled call:
 nudge of BF-9 (:func:`euler_steps`) and the block sweeps of SC23 (:func:`block_sweeps`), for layered chains of
 linear, hard-sigmoid, logistic and tanh layers. Same equations as the torch loops, up to round-off
 (tests/speed/test_fast_paths.py runs both against the general loop in float64). Without numba, or for chains
-outside their reach (:func:`fits`), the torch loops run.
+outside their reach (:func:`earlyprop.native_chain.fits`), the torch loops run.
 
 Layout: the free layers live in one flat buffer, layer k row-major at ``layout[START, k]`` with
 ``layout[SIZE, k]`` units per example and rate ``layout[KIND, k]``, whose bounds (+-inf when unbounded), gain
@@ -19,10 +19,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from earlyprop.native_cache import stamp_cache
-from earlyprop.nonlinearity import HardSigmoid, Linear, Sigmoid, Tanh
 
 try:
     import numba
@@ -32,13 +30,6 @@ except ImportError:  # the torch loops of chain.Chain run instead
 START, SIZE, KIND = 0, 1, 2  # rows of layout
 LO, HI, GAIN, SHIFT = 0, 1, 2, 3  # rows of params
 LINEAR, HARD, SIGMOID, TANH = 0, 1, 2, 3
-# A step's products stay in the kernel while they take at most this many multiply-adds (batch x the free-free
-# couplings of one example), divided by torch's threads (the kernel runs on one, MKL's products on all):
-# past it MKL's blocked products win. Per Euler step, float32, one thread, torch loop over kernel in two runs
-# (BENCHMARKS.md, "2026-11-28: compiled kernels"): batch 20: 784-500-10 (100K MACs) 1.65x, 2.02x;
-# 784-100-100-10 (220K) 1.39x, 1.23x; 784-200-200-10 (840K) 1.12x, 0.98x; 784-300-300-10 (1.9M) 0.84x, 0.75x;
-# and (one run) 784-500-10 at batch 64 (320K) 1.10x, at batch 256 (1.3M) 0.89x.
-MAX_STEP_MACS = 800_000
 # No 'nnan'/'ninf' fast-math: a diverging state must stay NaN/inf for relax's finiteness check to see it.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -393,24 +384,3 @@ def block_sweeps(s, r, slope, rows, statics, pull, curvature, layout, params, we
                         worst = max(worst, _move(state, h, omega, lo, hi, last, np.bool_(True)))
     return worst / omega
 
-
-KINDS = {Linear: LINEAR, HardSigmoid: HARD, Sigmoid: SIGMOID, Tanh: TANH}
-
-
-def fits(rhos, sizes, weights, batch: int) -> bool:
-    """Whether the kernels can run the chain x - h_1 - ... - h_n (rates ``rhos[1:]``, free-free couplings
-    ``weights[1:]``) on a batch: numba installed, CPU float32/float64, two free layers or more, linear,
-    hard-sigmoid, logistic or tanh rates, and products small enough (:data:`MAX_STEP_MACS`)."""
-    n, w = len(sizes) - 1, weights[0]
-    if numba is None or n < 2 or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
-        return False
-    if any(type(rho) not in KINDS for rho in rhos[1:]):
-        return False
-    step_macs = batch * sum(sizes[k] * sizes[k - 1] for k in range(2, n + 1))
-    return step_macs <= MAX_STEP_MACS / torch.get_num_threads()
-
-
-def _params(rho) -> tuple[float, float, float, float]:
-    """(lo, hi, gain, shift) of a rate: its bounds (+-inf when unbounded), and the logistic's gain and shift."""
-    lo, hi = rho.bounds or (-np.inf, np.inf)
-    return lo, hi, getattr(rho, "gain", 1.0), getattr(rho, "shift", 0.0)

@@ -14,11 +14,12 @@ Same equations, hence the same phases; the estimate and the cost are summed in a
 tests/speed/test_compiled_step.py compares gradients, free states, predictions and costs with the general path in
 float64, tests/speed/test_fast_paths.py twenty-step training curves).
 
-It applies when the general path would run the kernels anyway (``Relaxation.native``, :func:`earlyprop.native.fits`)
-and nothing asks for more than the step computes: ``EquilibriumProp`` or ``STDP`` itself with a ``Relaxation`` and
-the squared-error cost, a target shaped like the output layer, no autocast, and, for EP's block solver, a convex
-nudge (1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does (checked every ``check_every`` steps, the steps
-taken reported). The Python around the call, and the decision, is :mod:`earlyprop.step_plan`.
+It applies when the general path would run the kernels anyway (``Relaxation.native``,
+:func:`earlyprop.native_chain.fits`) and nothing asks for more than the step computes: ``EquilibriumProp`` or
+``STDP`` itself with a ``Relaxation`` and the squared-error cost, a target shaped like the output layer, no autocast,
+and, for EP's block solver, a convex nudge (1 + beta' > 0). A ``tol`` stops the free phase as ``relax`` does
+(checked every ``check_every`` steps, the steps taken reported). The Python around the call, and the decision, is
+:mod:`earlyprop.step_plan`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def _finite(s) -> bool:
 
 @_jit
 def input_rates(x, r, kind, lo, hi, gain, shift) -> bool:
-    """rho(x) of the clamped input into ``r`` (both flat) by the kernels' rates (a ``native.KINDS`` kind and
-    ``native._params``); whether every x is finite, the input's check in the same call."""
+    """rho(x) of the clamped input into ``r`` (both flat) by the kernels' rates (a ``native_chain.KINDS`` kind and
+    ``native_chain.rate_params``); whether every x is finite, the input's check in the same call."""
     if kind == HARD:
         for i in range(x.shape[0]):
             r[i] = _clip(x[i], lo, hi)

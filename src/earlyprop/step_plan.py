@@ -22,6 +22,7 @@ from earlyprop import native, native_step
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
 from earlyprop.dynamics import DivergenceError
+from earlyprop.native_chain import KINDS, rate_params
 from earlyprop.native_step import ASYNC, EP, EULER, FORMS
 from earlyprop.rules.base import Relaxation, StepResult, accumulate_grads  # (rules.contrastive imports this module)
 
@@ -51,8 +52,8 @@ class StepPlan:
         self.bounds = np.cumsum([0, *(math.prod(shape) for shape in self.shapes)]).tolist()
         self._fixed_nudges: dict = {}
         rho = layout.rhos[0]  # the input's rate by a kernel where it has one (and its check in the same pass)
-        self.input_rate = (native.KINDS[type(rho)], *map(dtype.type, native._params(rho))) \
-            if type(rho) in native.KINDS else None
+        self.input_rate = (KINDS[type(rho)], *map(dtype.type, rate_params(rho))) \
+            if type(rho) in KINDS else None
 
     def buffers(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[np.ndarray]]:
         """A fresh flat tensor, the state first (:meth:`ChainLayout.views` of the tensor are the state's layers), and

@@ -21,6 +21,7 @@ import torch
 
 import earlyprop.chain_layout as chain_layout
 import earlyprop.native as native
+import earlyprop.native_chain as native_chain
 from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
 from earlyprop.interactions import Dense, Lateral
@@ -79,7 +80,7 @@ def layout(request, monkeypatch):
         if not native.available():
             pytest.skip("numba is not installed: the compiled kernels do not exist here (pip install numba)")
         if request.param == "fused-update":
-            monkeypatch.setattr(native, "MAX_STEP_MACS", 0)  # no chain fits the kernels: the torch loops run
+            monkeypatch.setattr(native_chain, "MAX_STEP_MACS", 0)  # no chain fits the kernels: the torch loops run
             monkeypatch.setattr(chain_layout, "UNIT_MAJOR_WIDTH", 6)
         return request.param
     monkeypatch.setattr(native, "numba", None)  # as on a machine without numba
@@ -157,7 +158,7 @@ def test_torch_loops_update_in_one_compiled_pass_where_the_kernels_do_not_fit(nu
     """Past the kernels' products (MAX_STEP_MACS), the torch loops still move the state in one compiled pass that
     adds the static fields (native.move_toward_fields): every unmeasured step once the layers are plain, never with
     native=False; the states are the general loop's."""
-    monkeypatch.setattr(native, "MAX_STEP_MACS", 0)
+    monkeypatch.setattr(native_chain, "MAX_STEP_MACS", 0)
     moves = []
     move = native.move_toward_fields
     monkeypatch.setattr(native, "move_toward_fields", lambda *args: (moves.append(args[0].shape), move(*args)))

@@ -21,6 +21,7 @@ import torch
 from test_fast_paths import data  # tests/speed is on sys.path (rootdir-relative import)
 
 import earlyprop.native as native
+import earlyprop.native_chain as native_chain
 import earlyprop.native_step as native_step
 from earlyprop import DivergenceError
 from earlyprop.chain import Chain
@@ -70,7 +71,7 @@ def test_exp_saturates_and_passes_nan(exp_all):
 def test_smooth_rates_and_slopes_to_working_precision(rho, dtype, tol):
     s = np.linspace(-12.0, 12.0, 4001).astype(dtype)
     r, slope = np.empty_like(s), np.empty_like(s)
-    kind, (_, _, gain, shift) = native.KINDS[type(rho)], native._params(rho)
+    kind, (_, _, gain, shift) = native_chain.KINDS[type(rho)], native_chain.rate_params(rho)
     native._smooth_rates(s, r, slope, kind, dtype(gain), dtype(shift))
     exact = torch.from_numpy(s.astype(np.float64))
     assert np.max(np.abs(r - rho.rho(exact).numpy())) <= tol
