@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from earlyprop import small_gemm
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.chain_loops import block_loop, euler_loop
 from earlyprop.chain_rates import slope_of, smooth_rate_calls
@@ -25,7 +26,8 @@ from earlyprop.solvers import nudge_curvature
 
 # On CPU, MKL multiplies a batch-sized block by a transposed view of W (the forward products) ~30% slower than by a
 # contiguous matrix; a copy of W^T costs ~6 steps of that gain, so a phase this long multiplies by copies
-# (BENCHMARKS.md, 2026-11-28 18:43-19:45: config D 0.961-0.969 of its time per batch, paired).
+# (BENCHMARKS.md, 2026-11-28 18:43-19:45: config D 0.961-0.969 of its time per batch, paired), or, where
+# earlyprop.small_gemm runs, by packed copies of W and W^T (a pack costs about what a copy does).
 LONG_PHASE = 32
 
 
@@ -64,8 +66,9 @@ class Chain:
                                      for k, t in enumerate(static[1:n + 1], 1))]
         self.flat = self.buffer("state")
         self.s = self.views(self.flat)
-        self.hflat = self.h = self.wt = None  # the torch loops' field buffer and W^T views: prepare_torch_loops
+        self.hflat = self.h = None  # the torch loops' field buffer: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
+        self._operands: dict = {}  # (k, transposed) -> the products' right operands, torch's or packed, made on use
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
         self.native = NativeChain(self, layout.kernels) if layout.kernels is not None else None
@@ -74,12 +77,12 @@ class Chain:
 
     def prepare_torch_loops(self) -> None:
         """What only the torch loops use, made on their first use (the compiled kernels run without it): the
-        field buffer, the W^T views, and the plain marks of hard-sigmoid layers when the state is inside [0, 1]
+        field buffer, and the plain marks of hard-sigmoid layers when the state is inside [0, 1]
         (the rest state, or the free state a nudged phase starts from): 2 ops instead of rho and rho' (5 ops)
         per step."""
         if self.hflat is None:
             self.hflat = self.buffer("fields")
-            self.h, self.wt = self.views(self.hflat), [None, None, *map(self.transposed, range(2, self.n + 1))]
+            self.h = self.views(self.hflat)
         hard = [k for k in range(1, self.n + 1) if self.hard[k] and not self.plain[k]]
         if hard:  # clip(s) == s exactly iff every unit is in [0, 1] (a NaN compares unequal)
             runs = [run for _, _, _, run in self.clamp_plan(hard)]
@@ -87,12 +90,42 @@ class Chain:
                 for k in hard:
                     self.plain[k] = True
 
-    def transposed(self, k: int) -> Tensor:
-        """W_k^T, the right operand of layer k's product from below: a view, or a contiguous copy where that is
-        faster (:data:`LONG_PHASE`: CPU, a phase of that many steps or more, a row-major layer, no graphs)."""
-        copy = (self.layout.device.type == "cpu" and self.graphs is None and self.steps is not None
-                and self.steps >= LONG_PHASE and not self.unit_major[k] and not self.unit_major[k - 1])
-        return self.w[k].t().contiguous() if copy else self.w[k].t()
+    def operand(self, k: int, transposed: bool) -> Tensor:
+        """W_k^T (``transposed``: the right operand of layer k's product from below) or W_k (from above, into layer
+        k - 1) as torch multiplies by it: W_k^T a view, or a contiguous copy where that is faster
+        (:data:`LONG_PHASE`: a long CPU phase, both layers row-major), made once per phase."""
+        if not transposed:
+            return self.w[k]
+        if (k, True) not in self._operands:
+            copy = self._long_cpu_phase() and not self.unit_major[k] and not self.unit_major[k - 1]
+            self._operands[k, True] = self.w[k].t().contiguous() if copy else self.w[k].t()
+        return self._operands[k, True]
+
+    def _long_cpu_phase(self) -> bool:
+        return (self.layout.device.type == "cpu" and self.graphs is None and self.steps is not None
+                and self.steps >= LONG_PHASE)
+
+    def product(self, a: Tensor, k: int, transposed: bool, out: Tensor, base: Tensor | None = None,
+                alpha: float = 1.0, accumulate: bool = False) -> list[Callable]:
+        """``out = base + alpha a @ W_k^T`` (``transposed``: the product from below; ``a @ W_k`` from above), as
+        calls bound to their tensors; without ``base``, ``out = alpha a @ W``, or ``out += alpha a @ W`` with
+        ``accumulate``. In a long CPU phase, where :mod:`earlyprop.small_gemm` runs and ``alpha`` is 1, by its
+        packed product (W packed once per phase), else by torch's."""
+        shape = (self.w[k].shape[1], self.w[k].shape[0]) if transposed else tuple(self.w[k].shape)
+        if alpha == 1.0 and self._long_cpu_phase() and small_gemm.available() and small_gemm.fits(a, shape, out):
+            if (k, transposed, "packed") not in self._operands:
+                b = self.w[k].t() if transposed else self.w[k]
+                self._operands[k, transposed, "packed"] = small_gemm.PackedMatrix(b, a.shape[0])
+            packed = self._operands[k, transposed, "packed"].into(a, out, accumulate or base is not None)
+            return [packed] if base is None else [partial(out.copy_, base), packed]
+        b = self.operand(k, transposed)
+        if base is not None:
+            return [partial(torch.addmm, base, a, b, alpha=alpha, out=out)]
+        if accumulate:
+            return [partial(out.addmm_, a, b, alpha=alpha)]
+        if alpha == 1.0:
+            return [partial(torch.mm, a, b, out=out)]
+        return [partial(torch.addmm, out, a, b, beta=0.0, alpha=alpha, out=out)]  # beta 0: out's values unread
 
     @staticmethod
     def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True,
@@ -175,17 +208,15 @@ class Chain:
                     products_only: bool = False) -> list:
         """h_k = b_k + W_k rho(s_{k-1}) + W_{k+1}^T rho(s_{k+1}) into ``out`` (``static`` holds b_k and x's drive;
         with ``alpha`` the products are scaled, and ``static`` must be too), as calls bound to their tensors, to
-        run now or to replay at every step; ``products_only``: without the static part (and alpha 1)."""
-        static = self.static[k] if static is None else static
-        first = partial(torch.mm, out=out) if products_only else partial(torch.addmm, static, alpha=alpha, out=out)
-        if k > 1:
-            calls = [partial(first, r[k - 1], self.wt[k])]
-            if k < self.n:
-                calls.append(partial(out.addmm_, r[k + 1], self.w[k + 1], alpha=alpha))
+        run now or to replay at every step; ``products_only``: without the static part (and alpha 1), by
+        :meth:`product`."""
+        base = None if products_only else self.static[k] if static is None else static
+        calls = self.product(r[k - 1], k, True, out, base, alpha) if k > 1 else []
+        if k < self.n:
+            calls += self.product(r[k + 1], k + 1, False, out, base if k == 1 else None, alpha, accumulate=k > 1)
+        if calls:
             return calls
-        if self.n > 1:
-            return [partial(first, r[2], self.w[2])]
-        return [out.zero_ if products_only else partial(out.copy_, static)]
+        return [out.zero_] if products_only else [partial(out.copy_, base)]
 
     def replayable(self, plans: list) -> bool:
         """Whether a step can be replayed as fixed calls: every layer plain (rho(s) = s, rho'(s) = 1) and kept

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from earlyprop import native
+from earlyprop import native, small_gemm
 from earlyprop.cuda_graphs import StepGraphs
 from earlyprop.solvers import nudged_minimiser, on_concave_rows
 
@@ -71,6 +71,7 @@ def euler_loop(chain: Chain, eps: float, nudge, nudge_factor: float, project: bo
             calls.append(pull_back)
         if fixed is not None:  # every tensor bound here stays the same from step to step
             replay[key] = calls
+            small_gemm.link(calls)
         return calls
 
     fused: list = []  # step(False) as the products and one compiled update, made once every layer is plain
@@ -86,6 +87,7 @@ def euler_loop(chain: Chain, eps: float, nudge, nudge_factor: float, project: bo
             fused.extend(call for j in layers
                          for call in chain.field_calls(chain.s, j, chain.h[j], products_only=True))
             fused.extend([pull_back, move] if nudge is not None else [move])
+            small_gemm.link(fused)
         return fused or None
 
     def step(measure: bool, commit: bool = True) -> float | None:
@@ -170,6 +172,7 @@ def block_loop(chain: Chain, groups: list[list[int]], nudge, beta_scale: float, 
         sweep after sweep."""
         if not replay and chain.replayable(plans):
             replay.extend(call for i in range(len(groups)) for call in group_calls(i, chain.s, replayed=True))
+            small_gemm.link(replay)
         return replay or None
 
     def sweep(measure: bool) -> float | None:

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import earlyprop.chain as chain_module
 import earlyprop.chain_layout as chain_layout
 import earlyprop.native as native
 import earlyprop.native_chain as native_chain
+import earlyprop.small_gemm as small_gemm
 from earlyprop.chain import Chain
 from earlyprop.dynamics import relax
 from earlyprop.interactions import Dense, Lateral
@@ -133,9 +135,8 @@ def test_block_solver_chain_matches_general_loop(nudge, layout):
 def test_a_long_phase_multiplies_by_contiguous_copies_of_w_transposed(monkeypatch):
     """On CPU a phase of LONG_PHASE steps or more multiplies by contiguous copies of W^T (faster in MKL), a short one
     by views of W; the results are the general loop's either way."""
-    import earlyprop.chain as chain_module
-
     monkeypatch.setattr(native, "numba", None)  # the torch loops
+    monkeypatch.setattr(small_gemm, "available", lambda: False)  # MKL's products (the packed ones: below)
     monkeypatch.setattr(chain_layout, "UNIT_MAJOR_WIDTH", 6)  # DEEP's 9 and 7 units row-major, 5 and 4 unit-major
     net, general = twin(DEEP, "hard_sigmoid")
     x, d = data(DEEP)
@@ -144,12 +145,49 @@ def test_a_long_phase_multiplies_by_contiguous_copies_of_w_transposed(monkeypatc
         chain = Chain.of(net, state, net.static_fields(state), steps=steps)
         chain.prepare_torch_loops()
         for k in range(2, len(DEEP)):
-            w_t = chain.wt[k]
+            w_t = chain.operand(k, transposed=True)
             assert torch.equal(w_t, chain.w[k].t())
             copied = steps >= chain_module.LONG_PHASE and k == 2  # layers 1 and 2 both row-major
             assert (w_t.data_ptr() != chain.w[k].data_ptr()) == copied and w_t.is_contiguous() == copied
         kw = dict(steps=steps, eps=0.5, project=True, beta=0.4, target=d)
         assert_same(relax(net, net.init_state(x), **kw)[0], relax(general, general.init_state(x), **kw)[0])
+
+
+WIDE = (24, 40, 36, 33, 6)  # hidden layers wide enough for packed float64 products (16 columns or more)
+
+
+@pytest.mark.skipif(not small_gemm.installed(), reason="llvmlite is not installed: no packed products (numba has it)")
+@pytest.mark.parametrize("rho, method, native_update", [
+    ("hard_sigmoid", "euler", True),  # the products, then the compiled update (native.move_toward_fields)
+    ("hard_sigmoid", "euler", False),  # the torch loop's step: the static fields copied, the products added
+    ("tanh", "euler", True),  # rates in buffers (alpha 1)
+    (Sigmoid(4.0, 0.5), "euler", True),  # alpha = 4: torch multiplies
+    ("hard_sigmoid", "async", True),  # block sweeps
+])
+@pytest.mark.parametrize("nudge", [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE)])
+def test_a_long_phase_multiplies_by_packed_weights_where_they_run(rho, method, native_update, nudge, monkeypatch):
+    """In a long CPU phase where earlyprop.small_gemm runs, the torch loops multiply by W and W^T packed once per
+    phase (every product of a step whose scale is 1), and the states are the general loop's."""
+    monkeypatch.setattr(small_gemm, "available", lambda: True)  # on any CPU: its speed is AVX-512's, not its sums
+    monkeypatch.setattr(native_chain, "MAX_STEP_MACS", 0)  # the torch loops: the kernels would run this chain
+    called = []
+    product = small_gemm.Product.__call__
+    monkeypatch.setattr(small_gemm.Product, "__call__", lambda self: (called.append(self), product(self)))
+    net, general = twin(WIDE, rho, skip=method == "async")
+    x, d = data(WIDE)
+    steps = chain_module.LONG_PHASE + 6
+    kw = dict(steps=steps, eps=0.5, project=rho == "hard_sigmoid", method=method, **nudge)
+    if "beta" in nudge:
+        kw["target"] = d
+    fast, fd = relax(net, net.init_state(x), native=native_update, **kw)
+    slow, sd = relax(general, general.init_state(x), **kw)
+    assert_same(fast, slow)
+    assert abs(fd.residual - sd.residual) <= TOL
+    packed = {id(call.tensors[0]) for call in called}
+    if isinstance(rho, Sigmoid):
+        assert not called
+    else:  # both products of each of the two 40 x 36 and 36 x 33 matrices, every step
+        assert len(packed) == 4 and len(called) >= 4 * steps
 
 
 @pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled update (pip install numba)")
