@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from earlyprop import native, native_step
+from earlyprop import native, native_step, small_gemm
 from earlyprop.chain_layout import ChainLayout, autocast_enabled, dense_chain
 from earlyprop.cost import SquaredError
 from earlyprop.dynamics import DivergenceError
@@ -51,6 +51,9 @@ class StepPlan:
                        *((batch, sizes[k]) for k in range(2, n + 1))]
         self.bounds = np.cumsum([0, *(math.prod(shape) for shape in self.shapes)]).tolist()
         self._fixed_nudges: dict = {}
+        # x's drive b_1 + rho(x) W_1^T by a product that reads W_1 in place, where one runs (earlyprop.small_gemm)
+        w = layout.w[1]
+        self.drive = small_gemm.transposed_kernels(batch, sizes[0], sizes[1], w.dtype) if w.is_contiguous() else None
         rho = layout.rhos[0]  # the input's rate by a kernel where it has one (and its check in the same pass)
         self.input_rate = (KINDS[type(rho)], *map(dtype.type, rate_params(rho))) \
             if type(rho) in KINDS else None
@@ -95,7 +98,7 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     biases = [network.bias(k) for k in range(1, n + 1)]
     with torch.no_grad():
         input_rate = _input_rate(plan, network, start[0])  # rho(x), read by both products
-        drive = torch.addmm(biases[0], input_rate, weights[0].T)  # b_1 + rho(x) W_1^T: the first product
+        drive = _drive(plan, biases[0], input_rate, weights[0])  # b_1 + rho(x) W_1^T: the first product
         flat, parts = plan.buffers(dtype)
         free, views = parts[0], plan.layout.views(flat)
         if state is None:
@@ -120,6 +123,16 @@ def compiled_step(rule, network, x: Tensor, target: Tensor, state=None, generato
     accumulate_grads([*weights, *biases], [first, *map(torch.from_numpy, weight_grads),
                                            *map(torch.from_numpy, bias_grads)], owned=True)
     return StepResult([x, *views[1:]], torch.from_numpy(cost), prediction, steps)
+
+
+def _drive(plan: StepPlan, bias: Tensor, rate: Tensor, w: Tensor) -> Tensor:
+    """b_1 + rho(x) W_1^T: by the plan's product where it has one (rate is contiguous: made by _input_rate or
+    rho), else by torch."""
+    if plan.drive is None or not rate.is_contiguous():
+        return torch.addmm(bias, rate, w.T)
+    out = bias.detach().expand(rate.shape[0], -1).contiguous()
+    plan.drive[1](rate.data_ptr(), w.data_ptr(), out.data_ptr())
+    return out
 
 
 def _input_rate(plan: StepPlan, network, x: Tensor) -> Tensor:

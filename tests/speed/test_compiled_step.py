@@ -16,6 +16,7 @@ import torch
 
 import earlyprop.native as native
 import earlyprop.native_step as native_step
+import earlyprop.small_gemm as small_gemm
 import earlyprop.step_plan as step_plan
 from earlyprop.dynamics import DivergenceError
 from earlyprop.network import Network
@@ -41,6 +42,28 @@ def counted(monkeypatch):
     calls, kernel = [], native_step.ep_step
     monkeypatch.setattr(native_step, "ep_step", lambda *args: calls.append(1) or kernel(*args))
     return calls
+
+
+@pytest.fixture(params=["torch", "in place"])
+def drive(request, monkeypatch):
+    """x's drive b_1 + rho(x) W_1^T by torch, or by earlyprop.small_gemm's product that reads W_1 in place (forced
+    on, whatever the CPU and the thread count: its sums are the same everywhere); then it must have run."""
+    if request.param == "torch":
+        monkeypatch.setattr(small_gemm, "available", lambda: False)
+        yield request.param
+        return
+    if not small_gemm.installed():
+        pytest.skip("llvmlite is not installed: no in-place product")
+    monkeypatch.setattr(small_gemm, "available", lambda: True)
+    calls, make = [], small_gemm.transposed_kernels
+
+    def counted_kernels(*shape):
+        kernels = make(*shape)
+        return tuple((lambda *p, k=k: calls.append(1) or k(*p)) for k in kernels)
+
+    monkeypatch.setattr(small_gemm, "transposed_kernels", counted_kernels)
+    yield request.param
+    assert calls
 
 
 def both(rule, net, x, d, state=None, seed=3, monkeypatch=None):
@@ -73,7 +96,7 @@ def assert_close(a, b, tol=TOL):
     ("hard_sigmoid", dict(method="euler", tol=0.5, check_every=4)),  # stops early: steps taken as relax's
     ("hard_sigmoid", dict(method="async", tol=0.1, check_every=3)),
 ])
-def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, counted, monkeypatch):
+def test_the_compiled_step_is_the_general_step(sizes, variant, rho, settings, counted, drive, monkeypatch):
     rule = EquilibriumProp(0.5, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
     fast, x = compare_steps(rule, sizes, rho, counted, monkeypatch)
     assert fast.free_steps == 15 if "tol" not in settings else fast.free_steps < 15
@@ -103,7 +126,8 @@ def compare_steps(rule, sizes, rho, counted, monkeypatch):
     (Sigmoid(4.0, 0.5), dict(method="euler", eps=0.2, project=False, nudge_scale="none")),
     ("tanh", dict(method="euler", project=False, tol=0.5, check_every=4)),
 ])
-def test_the_compiled_stdp_step_is_the_general_step(sizes, form, variant, rho, settings, counted, monkeypatch):
+def test_the_compiled_stdp_step_is_the_general_step(sizes, form, variant, rho, settings, counted, drive,
+                                                   monkeypatch):
     """The seed's rule: the step-by-step products of the free-free couplings and the telescoped rest (BF-17)."""
     rule = STDP(0.5, form, variant, Relaxation(**{"eps": 0.5, "free_steps": 15, "nudge_steps": 6} | settings))
     compare_steps(rule, sizes, rho, counted, monkeypatch)
@@ -128,7 +152,7 @@ def test_from_a_given_state_and_into_existing_grads(counted, monkeypatch):
     assert_close([p.grad for p in net.parameters()], [2 * g for g in fast_grads])
 
 
-def test_float32_agrees_to_its_round_off(counted, monkeypatch):
+def test_float32_agrees_to_its_round_off(counted, drive, monkeypatch):
     net = Network.layered((64, 30, 10), "hard_sigmoid", dtype=torch.float32, seed=0)
     x, d = data((64, 30, 10), batch=16, dtype=torch.float32)
     rule = EquilibriumProp(0.5, "positive", Relaxation(free_steps=20, nudge_steps=4))

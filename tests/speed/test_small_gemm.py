@@ -69,3 +69,26 @@ def test_link_points_each_product_at_the_next_packed_matrix():
     for call in calls[2:]:
         call()  # ... then += a @ b, += a @ 2b: 3 a @ b, whatever each prefetched
     assert torch.allclose(c, 3 * (a @ b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 5e-15)])
+@pytest.mark.parametrize("m, k, n", [*SHAPES, (20, 784, 500), (3, 5, 2), (17, 100, 9)])
+def test_products_by_a_transposed_matrix_read_in_place(m, k, n, dtype, tol, monkeypatch):
+    """a @ W^T from W's own rows (blocks of 4 x 4 dots, the last rows and columns and chunk of k partial)."""
+    monkeypatch.setattr(small_gemm, "available", lambda: True)  # on any CPU
+    a, w, c = operands(m, k, n, dtype)
+    w = w.t().contiguous()[:n] if k == n else torch.randn(n, k, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    exact = a.double() @ w.double().T
+    scale = float(exact.abs().max())
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    assert small_gemm.times_transposed(a, w, out)
+    assert float((out.double() - exact).abs().max()) <= tol * scale
+    acc = c.clone()
+    assert small_gemm.times_transposed(a, w, acc, accumulate=True)
+    assert float((acc.double() - (c.double() + exact)).abs().max()) <= tol * scale
+    # what it does not take, it leaves to torch, untouched
+    assert not small_gemm.times_transposed(a, w.t().contiguous().t(), out)
+    assert not small_gemm.times_transposed(a, w.float() if dtype == torch.float64 else w.double(), out)
+    monkeypatch.setattr(small_gemm, "available", lambda: False)
+    before = out.clone()
+    assert not small_gemm.times_transposed(a, w, out) and torch.equal(out, before)
