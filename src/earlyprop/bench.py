@@ -296,7 +296,7 @@ def format_table(report: dict[str, Any]) -> str:
     small = ", ".join(f"{k}: {v:.0f}" for k, v in m["small_sgemm_gflops"].items())
     lines = [
         f"earlyprop bench: {m['device']}{gpu}, {m['cpu']}, torch {m['torch']}, {m['threads']} thread(s), "
-        f"numba {m.get('numba') or 'absent (torch loops only)'}",
+        f"numba {m.get('numba') or 'absent (torch loops only)'}, small_gemm {m.get('small_gemm')}",
         f"sgemm {m['sgemm_shape']} fp32: {report['matmul_gflops']:.1f} GFLOP/s (floors use this rate); "
         f"batch-sized products {small} GFLOP/s",
         "",

@@ -15,7 +15,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                             "threads": torch.get_num_threads(), "python": platform.python_version(),
                             "platform": platform.platform(), "cpu": cpu, "cpu_count": _cpu_count(),
                             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-                            "numba": _numba_version()}  # the compiled CPU kernels (earlyprop.native); None: absent
+                            "numba": _numba_version(),  # the compiled CPU kernels (earlyprop.native); None: absent
+                            "small_gemm": _small_gemm()}  # whether earlyprop.small_gemm's products run here
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = info["device_name"] = torch.cuda.get_device_name(device)
@@ -31,6 +32,16 @@ def _numba_version() -> str | None:
     from earlyprop import native
 
     return native.numba.__version__ if native.available() else None
+
+
+def _small_gemm() -> str:
+    from earlyprop import small_gemm
+
+    if not small_gemm.installed():
+        return "absent (no llvmlite)"
+    if small_gemm.available():
+        return "on"
+    return "off (" + ("more than one thread" if torch.get_num_threads() > 1 else "no AVX-512") + ")"
 
 
 def _cpu_name() -> str:

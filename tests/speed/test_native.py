@@ -23,6 +23,7 @@ from test_fast_paths import data  # tests/speed is on sys.path (rootdir-relative
 import earlyprop.native as native
 import earlyprop.native_chain as native_chain
 import earlyprop.native_step as native_step
+import earlyprop.small_gemm as small_gemm
 from earlyprop import DivergenceError
 from earlyprop.chain import Chain
 from earlyprop.cli import build_parser
@@ -182,9 +183,17 @@ def test_the_bench_report_names_numba(monkeypatch):
     assert info["numba"] == native.numba.__version__
     info.update(sgemm_shape="1x1x1", small_sgemm_gflops={})
     header = format_table({"machine": info, "matmul_gflops": 1.0, "configs": {}}).splitlines()[0]
-    assert header.endswith(f"numba {native.numba.__version__}")
+    assert f"numba {native.numba.__version__}, small_gemm {info['small_gemm']}" in header
     monkeypatch.setattr(native, "numba", None)
     assert machine_info(torch.device("cpu"))["numba"] is None
+    # and whether earlyprop.small_gemm's products run, and if not why
+    cases = ((1, True, "on"), (2, True, "off (more than one thread)"), (1, False, "off (no AVX-512)"))
+    for threads, avx512, said in cases:
+        monkeypatch.setattr(small_gemm, "_host", lambda avx512=avx512: ("cpu", "", avx512))
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert machine_info(torch.device("cpu"))["small_gemm"] == said
+    monkeypatch.setattr(small_gemm, "_host", lambda: None)
+    assert machine_info(torch.device("cpu"))["small_gemm"] == "absent (no llvmlite)"
 
 
 def _kernel_calls_with_literals(module) -> list[str]:
