@@ -80,17 +80,33 @@ def panel_ir(m: int, k: int, n: int, dtype: torch.dtype) -> str:
         lines += [line for rows, width in shapes for line in _panel_tile(ty, k, n, rows, width, accumulate, ahead)]
         lines += [f"define void @{'addmm' if accumulate else 'mm'}(ptr noalias %A, ptr noalias %B, ptr noalias %C, "
                   "ptr %NEXT) nounwind {", "entry:"]
-        for p in range(panels):
-            for b, (first, rows) in enumerate(blocks):
-                at = f"{p}_{b}"
-                source, offset = ("%B", (p + 1) * k * nr) if p + 1 < panels else ("%NEXT", 0)
-                lines += [ty.gep(f"%a{at}", "%A", first * k), ty.gep(f"%b{at}", "%B", p * k * nr),
-                          ty.gep(f"%c{at}", "%C", first * n + p * nr),
-                          ty.gep(f"%f{at}", source, offset + b * k * ahead),
-                          f"  call void @panel_{rows}_{min(nr, n - p * nr)}_{int(accumulate)}(ptr %a{at}, "
-                          f"ptr %b{at}, ptr %c{at}, ptr %f{at})"]
+        full = n // nr
+        if full:  # the full panels in a loop (code size independent of n), the row blocks straight inside
+            lines += ["  br label %panels", "panels:", "  %p = phi i64 [0, %entry], [%p1, %panels]",
+                      f"  %bo = mul i64 %p, {k * nr}", ty.gep("%bb", "%B", "%bo"), "  %p1 = add nuw nsw i64 %p, 1",
+                      f"  %no = mul i64 %p1, {k * nr}", ty.gep("%nb", "%B", "%no"),
+                      f"  %last = icmp eq i64 %p1, {panels}", "  %next = select i1 %last, ptr %NEXT, ptr %nb",
+                      f"  %co = mul i64 %p, {nr}"]
+            lines += _panel_calls(ty, blocks, k, n, nr, "%bb", "%co", "%next", ahead, accumulate, "f")
+            lines += [f"  %done = icmp eq i64 %p1, {full}", "  br i1 %done, label %rest, label %panels", "rest:"]
+        if n % nr:  # the last, narrower panel: its prefetch is the next matrix's
+            lines += [ty.gep("%lb", "%B", full * k * nr)]
+            lines += _panel_calls(ty, blocks, k, n, n % nr, "%lb", full * nr, "%NEXT", ahead, accumulate, "l")
         lines += ["  ret void", "}"]
     return "\n".join(lines)
+
+
+def _panel_calls(ty: _Types, blocks: list, k: int, n: int, width: int, panel: str, column, following: str,
+                 ahead: int, accumulate: bool, tag: str) -> list[str]:
+    """One panel's passes, a call per row block: A's rows, the panel, C's block at ``column``, and the share of
+    ``following`` (the next panel) each pass prefetches."""
+    lines = []
+    for b, (first, rows) in enumerate(blocks):
+        lines += [ty.gep(f"%{tag}a{b}", "%A", first * k), f"  %{tag}co{b} = add i64 {column}, {first * n}",
+                  ty.gep(f"%{tag}c{b}", "%C", f"%{tag}co{b}"), ty.gep(f"%{tag}f{b}", following, b * k * ahead),
+                  f"  call void @panel_{rows}_{width}_{int(accumulate)}(ptr %{tag}a{b}, ptr {panel}, "
+                  f"ptr %{tag}c{b}, ptr %{tag}f{b})"]
+    return lines
 
 
 def _panel_tile(ty: _Types, k: int, n: int, rows: int, width: int, accumulate: bool, ahead: int) -> list[str]:

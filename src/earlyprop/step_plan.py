@@ -130,7 +130,8 @@ def _drive(plan: StepPlan, bias: Tensor, rate: Tensor, w: Tensor) -> Tensor:
     rho), else by torch."""
     if plan.drive is None or not rate.is_contiguous():
         return torch.addmm(bias, rate, w.T)
-    out = bias.detach().expand(rate.shape[0], -1).contiguous()
+    out = torch.empty(rate.shape[0], w.shape[0], dtype=w.dtype)  # (not expand().contiguous(): at batch 1 that is
+    out.copy_(bias.detach())  # the bias itself, which the product would then add into)
     plan.drive[1](rate.data_ptr(), w.data_ptr(), out.data_ptr())
     return out
 

@@ -152,6 +152,19 @@ def test_from_a_given_state_and_into_existing_grads(counted, monkeypatch):
     assert_close([p.grad for p in net.parameters()], [2 * g for g in fast_grads])
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_small_batches_leave_the_parameters_alone(batch, counted, drive, monkeypatch):
+    """At any batch size, one example included, the step reads the parameters and writes only their .grad."""
+    net = Network.layered(DEEP, "hard_sigmoid", bias_std=0.3, seed=4, dtype=torch.float64)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, d = data(DEEP, batch=batch)
+    rule = EquilibriumProp(0.5, "centered", Relaxation(eps=0.5, free_steps=15, nudge_steps=6))
+    (fast, fast_grads), (slow, slow_grads) = both(rule, net, x, d, monkeypatch=monkeypatch)
+    assert counted and all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert_close(fast_grads, slow_grads)
+    assert_close(fast.free_state[1:], slow.free_state[1:])
+
+
 def test_float32_agrees_to_its_round_off(counted, drive, monkeypatch):
     net = Network.layered((64, 30, 10), "hard_sigmoid", dtype=torch.float32, seed=0)
     x, d = data((64, 30, 10), batch=16, dtype=torch.float32)

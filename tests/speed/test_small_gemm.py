@@ -13,8 +13,9 @@ pytestmark = pytest.mark.skipif(not small_gemm.installed(),
                                 reason="llvmlite is not installed: no packed products here (pip install numba)")
 
 # (batch, k, n): one row block and several (20 -> 10 + 10, 29 -> 10 + 10 + 9), full and ragged last panels
-# (NR = 32 floats, 16 doubles), tall and wide
-SHAPES = [(20, 500, 500), (1, 32, 32), (13, 40, 33), (29, 64, 70), (16, 784, 100), (64, 17, 40), (7, 50, 16)]
+# (NR = 32 floats, 16 doubles) or none, the last full panel prefetching the next matrix, tall and wide
+SHAPES = [(20, 500, 500), (1, 32, 32), (13, 40, 33), (29, 64, 70), (29, 64, 64), (16, 784, 100), (64, 17, 40),
+          (7, 50, 16)]
 
 
 def operands(m, k, n, dtype, seed=0):
