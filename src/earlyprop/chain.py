@@ -109,10 +109,11 @@ class Chain:
                 alpha: float = 1.0, accumulate: bool = False) -> list[Callable]:
         """``out = base + alpha a @ W_k^T`` (``transposed``: the product from below; ``a @ W_k`` from above), as
         calls bound to their tensors; without ``base``, ``out = alpha a @ W``, or ``out += alpha a @ W`` with
-        ``accumulate``. In a long CPU phase, where :mod:`earlyprop.small_gemm` runs and ``alpha`` is 1, by its
-        packed product (W packed once per phase), else by torch's."""
+        ``accumulate``. In a long CPU phase, where :mod:`earlyprop.small_gemm` runs (and ``native`` lets it:
+        ``ChainLayout.packed_products``) and ``alpha`` is 1, by its packed product (W packed once per phase), else
+        by torch's."""
         shape = (self.w[k].shape[1], self.w[k].shape[0]) if transposed else tuple(self.w[k].shape)
-        if alpha == 1.0 and self._long_cpu_phase() and small_gemm.available() and small_gemm.fits(a, shape, out):
+        if alpha == 1.0 and self.layout.packed_products and self._long_cpu_phase() and small_gemm.fits(a, shape, out):
             if (k, transposed, "packed") not in self._operands:
                 b = self.w[k].t() if transposed else self.w[k]
                 self._operands[k, transposed, "packed"] = small_gemm.PackedMatrix(b, a.shape[0])

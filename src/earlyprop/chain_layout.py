@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from earlyprop import cuda_graphs
+from earlyprop import cuda_graphs, small_gemm
 from earlyprop import native as native_kernels
 from earlyprop.interactions import Dense
 from earlyprop.native_chain import KernelLayout, fits
@@ -29,8 +29,8 @@ class ChainLayout:
     building these took ~100 us of Python per phase on the development VM, as much as the 4 steps of a nudged
     phase. The key holds what they depend on: the weights' identity and storage (an optimizer's in-place update
     keeps both; replacing a parameter or moving the network changes them), the rates' identity and attributes,
-    the batch size, the kernels' switch and availability, torch's thread count (:func:`earlyprop.native_chain.fits`) and
-    :data:`UNIT_MAJOR_WIDTH`.
+    the batch size, the kernels' switch and availability (numba's, small_gemm's), torch's thread count
+    (:func:`earlyprop.native_chain.fits`) and :data:`UNIT_MAJOR_WIDTH`.
     """
 
     MAX_KEPT = 8  # layouts per network (batch sizes x dtypes x devices x switches): the oldest goes first
@@ -57,6 +57,8 @@ class ChainLayout:
         # the torch loops' update in one compiled pass where the kernels may run but the chain's products are past them
         self.fused_update = (cpu and native and native_kernels.available() and not compiled
                              and self.dtype in (torch.float32, torch.float64))
+        # the torch loops' products by earlyprop.small_gemm in long phases (native=False: torch's alone)
+        self.packed_products = cpu and native and small_gemm.available()
         self.step_plans: dict = {}  # earlyprop.step_plan's, for the rules that run their step on this layout
         self._graphs: tuple | None = None  # (StepGraphs, PhaseBuffers) of the chains in graph mode, made on first use
 
@@ -84,7 +86,8 @@ class ChainLayout:
         """The network's layout for a batch, from its memo, made on first use (or every time when a weight is not
         contiguous: the kernels would read a copy of it, which an in-place update would leave behind)."""
         try:
-            key = ("chain", batch, native, native_kernels.available(), UNIT_MAJOR_WIDTH, torch.get_num_threads(),
+            key = ("chain", batch, native, native_kernels.available(), small_gemm.available(), UNIT_MAJOR_WIDTH,
+                   torch.get_num_threads(),
                    *((id(w), w.data_ptr()) for w in weights),
                    *((id(rho), *vars(rho).values()) for rho in network.rhos))
             hash(key)

@@ -12,8 +12,9 @@ matrix from L3 while it multiplies. Two products here (IR: :mod:`earlyprop.small
 - :func:`times_transposed`: ``a @ W^T`` reading W (the parameter, row-major) in place, no packing: x's drive
   20 x 784 x 500 in 132-140 us against MKL's 197-202 (cache-cold: 164-178 against 250-255).
 
-Numbers: BENCHMARKS.md, 2026-11-28 (20:20-). :func:`available` says whether this machine runs them (llvmlite, one
-torch thread, AVX-512, where they were measured); elsewhere torch multiplies. Each shape compiles once per process
+Numbers: BENCHMARKS.md, 2026-11-28 (20:20-21:20). :func:`available` says whether this machine runs them (llvmlite,
+one torch thread, AVX-512, where they were measured); elsewhere, and with ``Relaxation(native=False)``, torch
+multiplies. Each shape compiles once per process
 (~0.1-0.4 s).
 """
 

@@ -157,19 +157,23 @@ WIDE = (24, 40, 36, 33, 6)  # hidden layers wide enough for packed float64 produ
 
 
 @pytest.mark.skipif(not small_gemm.installed(), reason="llvmlite is not installed: no packed products (numba has it)")
-@pytest.mark.parametrize("rho, method, native_update", [
-    ("hard_sigmoid", "euler", True),  # the products, then the compiled update (native.move_toward_fields)
-    ("hard_sigmoid", "euler", False),  # the torch loop's step: the static fields copied, the products added
-    ("tanh", "euler", True),  # rates in buffers (alpha 1)
-    (Sigmoid(4.0, 0.5), "euler", True),  # alpha = 4: torch multiplies
-    ("hard_sigmoid", "async", True),  # block sweeps
+@pytest.mark.parametrize("rho, method, loop", [
+    ("hard_sigmoid", "euler", "fused"),  # the products, then the compiled update (native.move_toward_fields)
+    ("hard_sigmoid", "euler", "torch"),  # no numba: the torch step, the static fields copied, the products added
+    ("tanh", "euler", "fused"),  # rates in buffers (alpha 1)
+    (Sigmoid(4.0, 0.5), "euler", "fused"),  # alpha = 4: torch multiplies
+    ("hard_sigmoid", "async", "fused"),  # block sweeps
+    ("hard_sigmoid", "euler", "native=False"),  # no compiled code at all: torch multiplies
 ])
 @pytest.mark.parametrize("nudge", [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE)])
-def test_a_long_phase_multiplies_by_packed_weights_where_they_run(rho, method, native_update, nudge, monkeypatch):
+def test_a_long_phase_multiplies_by_packed_weights_where_they_run(rho, method, loop, nudge, monkeypatch):
     """In a long CPU phase where earlyprop.small_gemm runs, the torch loops multiply by W and W^T packed once per
-    phase (every product of a step whose scale is 1), and the states are the general loop's."""
+    phase (every product of a step whose scale is 1; none with native=False), and the states are the general
+    loop's."""
     monkeypatch.setattr(small_gemm, "available", lambda: True)  # on any CPU: its speed is AVX-512's, not its sums
     monkeypatch.setattr(native_chain, "MAX_STEP_MACS", 0)  # the torch loops: the kernels would run this chain
+    if loop == "torch":
+        monkeypatch.setattr(native, "numba", None)
     called = []
     product = small_gemm.Product.__call__
     monkeypatch.setattr(small_gemm.Product, "__call__", lambda self: (called.append(self), product(self)))
@@ -179,12 +183,12 @@ def test_a_long_phase_multiplies_by_packed_weights_where_they_run(rho, method, n
     kw = dict(steps=steps, eps=0.5, project=rho == "hard_sigmoid", method=method, **nudge)
     if "beta" in nudge:
         kw["target"] = d
-    fast, fd = relax(net, net.init_state(x), native=native_update, **kw)
+    fast, fd = relax(net, net.init_state(x), native=loop != "native=False", **kw)
     slow, sd = relax(general, general.init_state(x), **kw)
     assert_same(fast, slow)
     assert abs(fd.residual - sd.residual) <= TOL
     packed = {id(call.tensors[0]) for call in called}
-    if isinstance(rho, Sigmoid):
+    if isinstance(rho, Sigmoid) or loop == "native=False":
         assert not called
     else:  # both products of each of the two 40 x 36 and 36 x 33 matrices, every step
         assert len(packed) == 4 and len(called) >= 4 * steps
