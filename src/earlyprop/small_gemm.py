@@ -8,14 +8,13 @@ matrix from L3 while it multiplies. Two products here (IR: :mod:`earlyprop.small
 
 - :class:`PackedMatrix`: B packed in panels once (per phase), one register-blocked pass per panel and row block,
   each prefetching the next panel (the next product's first one after the last: :func:`link`). D's four
-  20 x 500 x 500 products per step: 135-145 GFLOP/s against MKL's 94-101.
-- :func:`times_transposed`: ``a @ W^T`` reading W (the parameter, row-major) in place, no packing: x's drive
-  20 x 784 x 500 in 132-140 us against MKL's 197-202 (cache-cold: 164-178 against 250-255).
+  20 x 500 x 500 products per step: 144-149 GFLOP/s against MKL's 100-101 in the same loop.
+- :func:`times_transposed` / :func:`transposed_kernels`: ``a @ W^T`` reading W (the parameter, row-major) in
+  place, no packing: x's drive 20 x 784 x 500 in 157 us against MKL's 208 (cache-flushed: 197 against 266).
 
 Numbers: BENCHMARKS.md, 2026-11-28 (20:20-21:20). :func:`available` says whether this machine runs them (llvmlite,
 one torch thread, AVX-512, where they were measured); elsewhere, and with ``Relaxation(native=False)``, torch
-multiplies. Each shape compiles once per process
-(~0.1-0.4 s).
+multiplies. Each shape compiles once per process (0.06-0.4 s).
 """
 
 from __future__ import annotations
