@@ -31,6 +31,17 @@ from earlyprop.solvers import nudge_curvature
 LONG_PHASE = 32
 
 
+class StepFields(list):
+    """``network.static_fields`` of one training step, shared by its phases (the input is clamped in all of them),
+    with the weights its phases packed (:meth:`Chain.packed`): the weights do not change between the phases of a
+    step, so a matrix packed for the free phase serves the nudged ones too, whatever their length. Make a new one
+    per step (``rules`` do): a pack is a copy, stale once an optimizer has moved the weights."""
+
+    def __init__(self, fields, packs: dict | None = None):
+        super().__init__(fields)
+        self.packs: dict = {} if packs is None else packs  # shared with the step's other fields (stacked phases)
+
+
 class Chain:
     """The plain layered chain x - h_1 - ... - h_L as bare tensors, for the lean loops of ``relax``.
 
@@ -69,6 +80,7 @@ class Chain:
         self.hflat = self.h = None  # the torch loops' field buffer: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
         self._operands: dict = {}  # (k, transposed) -> the products' right operands, torch's or packed, made on use
+        self._packs = getattr(static, "packs", None)  # those packed for this training step's phases (StepFields)
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
         self.native = NativeChain(self, layout.kernels) if layout.kernels is not None else None
@@ -109,16 +121,11 @@ class Chain:
                 alpha: float = 1.0, accumulate: bool = False) -> list[Callable]:
         """``out = base + alpha a @ W_k^T`` (``transposed``: the product from below; ``a @ W_k`` from above), as
         calls bound to their tensors; without ``base``, ``out = alpha a @ W``, or ``out += alpha a @ W`` with
-        ``accumulate``. In a long CPU phase, where :mod:`earlyprop.small_gemm` runs (and ``native`` lets it:
-        ``ChainLayout.packed_products``) and ``alpha`` is 1, by its packed product (W packed once per phase), else
-        by torch's."""
-        shape = (self.w[k].shape[1], self.w[k].shape[0]) if transposed else tuple(self.w[k].shape)
-        if alpha == 1.0 and self.layout.packed_products and self._long_cpu_phase() and small_gemm.fits(a, shape, out):
-            if (k, transposed, "packed") not in self._operands:
-                b = self.w[k].t() if transposed else self.w[k]
-                self._operands[k, transposed, "packed"] = small_gemm.PackedMatrix(b, a.shape[0])
-            packed = self._operands[k, transposed, "packed"].into(a, out, accumulate or base is not None)
-            return [packed] if base is None else [partial(out.copy_, base), packed]
+        ``accumulate``. By :meth:`packed`'s matrix where there is one and ``alpha`` is 1, else by torch."""
+        packed = self.packed(a, k, transposed, out) if alpha == 1.0 else None
+        if packed is not None:
+            call = packed.into(a, out, accumulate or base is not None)
+            return [call] if base is None else [partial(out.copy_, base), call]
         b = self.operand(k, transposed)
         if base is not None:
             return [partial(torch.addmm, base, a, b, alpha=alpha, out=out)]
@@ -127,6 +134,26 @@ class Chain:
         if alpha == 1.0:
             return [partial(torch.mm, a, b, out=out)]
         return [partial(torch.addmm, out, a, b, beta=0.0, alpha=alpha, out=out)]  # beta 0: out's values unread
+
+    def packed(self, a: Tensor, k: int, transposed: bool, out: Tensor) -> small_gemm.PackedMatrix | None:
+        """W_k^T (``transposed``) or W_k packed for :mod:`earlyprop.small_gemm`'s products of ``a`` into ``out``,
+        where they run (``ChainLayout.packed_products``: numba's llvmlite, AVX-512, one thread, ``native``; CPU,
+        no graphs; row-major operands): packed in a long phase (:data:`LONG_PHASE`), or taken from this training
+        step's earlier phases (:class:`StepFields`) in a phase of any length; else None."""
+        shape = (self.w[k].shape[1], self.w[k].shape[0]) if transposed else tuple(self.w[k].shape)
+        if not (self.layout.packed_products and self.graphs is None and small_gemm.fits(a, shape, out)):
+            return None
+        key = (k, transposed, self.w[k].data_ptr())
+        packed = self._packs.get(key) if self._packs is not None else None
+        if packed is None and (k, transposed, "packed") in self._operands:
+            packed = self._operands[k, transposed, "packed"]
+        if packed is None and self._long_cpu_phase():
+            packed = small_gemm.PackedMatrix(self.w[k].t() if transposed else self.w[k])
+            if self._packs is not None:
+                self._packs[key] = packed
+        if packed is not None:
+            self._operands[k, transposed, "packed"] = packed
+        return packed
 
     @staticmethod
     def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True,

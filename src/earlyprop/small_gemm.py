@@ -81,12 +81,12 @@ def _rows_fit(a: Tensor, out: Tensor) -> bool:
 
 
 class PackedMatrix:
-    """B (K x N) packed for products with a batch of ``batch`` rows: panels of NR columns, each K x NR contiguous,
-    the last one zero-padded. A copy: pack again after B changes."""
+    """B (K x N) packed for products: panels of NR columns, each K x NR contiguous, the last one zero-padded. A copy:
+    pack again after B changes. The same packs serve any batch (each batch size compiles its own loop)."""
 
-    def __init__(self, b: Tensor, batch: int):
+    def __init__(self, b: Tensor):
         k, n = b.shape
-        self.shape, self.dtype, self.batch = (k, n), b.dtype, batch
+        self.shape, self.dtype = (k, n), b.dtype
         self.nr = nr = lanes(b.dtype) * VECTORS
         full, rest = divmod(n, nr)
         self.data = torch.zeros(full + (rest > 0), k, nr, dtype=b.dtype)
@@ -95,11 +95,10 @@ class PackedMatrix:
             self.data[:full].copy_(b[:, :full * nr].unflatten(1, (full, nr)).transpose(0, 1))
         if rest:
             self.data[full, :, :rest].copy_(b[:, full * nr:])
-        self.kernels = _kernels(panel_ir, batch, k, n, b.dtype)
 
     def into(self, a: Tensor, out: Tensor, accumulate: bool = False) -> Product:
         """``out = a @ B`` (``out += a @ B`` with ``accumulate``) as a callable bound to these tensors."""
-        if a.dtype != self.dtype or not fits(a, self.shape, out) or a.shape[0] != self.batch:
+        if a.dtype != self.dtype or not fits(a, self.shape, out):
             raise ValueError(f"no packed product of {tuple(a.shape)} by {self.shape} into {tuple(out.shape)}")
         return Product(self, a, out, accumulate)
 
@@ -108,8 +107,8 @@ class Product:
     """One bound product (see :meth:`PackedMatrix.into`); its last panel prefetches ``args[3]`` (:func:`link`)."""
 
     def __init__(self, packed: PackedMatrix, a: Tensor, out: Tensor, accumulate: bool):
-        self.tensors = (packed, a, out)  # kept alive: the call holds their addresses
-        self.kernel = packed.kernels[accumulate]
+        self.packed, self.tensors = packed, (packed, a, out)  # kept alive: the call holds their addresses
+        self.kernel = _kernels(panel_ir, a.shape[0], *packed.shape, a.dtype)[accumulate]
         self.args = [a.data_ptr(), packed.data.data_ptr(), out.data_ptr(), packed.data.data_ptr()]
 
     def __call__(self) -> None:
@@ -125,7 +124,7 @@ def link(products: list) -> None:
     one's next is the next step's first), so its last panel prefetches that."""
     chain = [p for p in products if isinstance(p, Product)]
     for here, after in zip(chain, chain[1:] + chain[:1]):
-        here.prefetch(after.tensors[0])
+        here.prefetch(after.packed)
 
 
 def times_transposed(a: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> bool:

@@ -194,6 +194,36 @@ def test_a_long_phase_multiplies_by_packed_weights_where_they_run(rho, method, l
         assert len(packed) == 4 and len(called) >= 4 * steps
 
 
+@pytest.mark.skipif(not small_gemm.installed(), reason="llvmlite is not installed: no packed products (numba has it)")
+@pytest.mark.parametrize("variant", ["positive", "centered"])
+def test_a_training_steps_phases_share_their_packed_weights(variant, monkeypatch):
+    """A rule's step packs each matrix once, in its long free phase, and its short nudged phases multiply by the
+    same packs (chain.StepFields); the gradients are the general path's. The next step packs again (the weights
+    moved)."""
+    monkeypatch.setattr(small_gemm, "available", lambda: True)
+    monkeypatch.setattr(native_chain, "MAX_STEP_MACS", 0)
+    packs, pack = [], small_gemm.PackedMatrix.__init__
+    monkeypatch.setattr(small_gemm.PackedMatrix, "__init__", lambda self, *a: (packs.append(self), pack(self, *a))[1])
+    called = []
+    product = small_gemm.Product.__call__
+    monkeypatch.setattr(small_gemm.Product, "__call__", lambda self: (called.append(self), product(self)))
+    net, general = twin(WIDE, "hard_sigmoid")
+    x, d = data(WIDE)
+    rule = EquilibriumProp(0.5, variant, Relaxation(eps=0.5, free_steps=chain_module.LONG_PHASE + 2, nudge_steps=5))
+    grads = []
+    for network in (net, general):
+        network.zero_grad(set_to_none=True)
+        rule.compute_grads(network, x, d)
+        grads.append([p.grad.clone() for p in network.parameters() if p.grad is not None])
+    assert_same(grads[0][:3] + grads[0][4:], grads[1][:3] + grads[1][5:])  # the twin's extra zero term: its grad
+    phases = 1 + (2 if variant == "centered" else 1)
+    assert len(packs) == 4  # W_2 and W_3 both ways (the 6-unit output is stored unit-major): once for the step
+    steps = chain_module.LONG_PHASE + 2 + 5 * (phases - 1)
+    assert len(called) >= 4 * (steps - 2 * phases)  # the nudged phases' steps use them too (but measured ones)
+    rule.compute_grads(net, x, d)
+    assert len(packs) == 8
+
+
 @pytest.mark.skipif(not native.available(), reason="numba is not installed: no compiled update (pip install numba)")
 @pytest.mark.parametrize("nudge", [dict(), dict(beta=0.7), dict(beta=PER_EXAMPLE)])
 def test_torch_loops_update_in_one_compiled_pass_where_the_kernels_do_not_fit(nudge, monkeypatch):

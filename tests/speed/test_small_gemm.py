@@ -33,7 +33,7 @@ def test_products_equal_matmul(m, k, n, dtype, tol):
         return
     exact = a.double() @ b.double()
     scale = float(exact.abs().max())
-    packed = small_gemm.PackedMatrix(b, m)
+    packed = small_gemm.PackedMatrix(b)
     out = torch.full((m, n), float("nan"), dtype=dtype)  # mm must not read what out held
     packed.into(a, out)()
     assert float((out.double() - exact).abs().max()) <= tol * scale
@@ -41,7 +41,7 @@ def test_products_equal_matmul(m, k, n, dtype, tol):
     packed.into(a, acc, accumulate=True)()
     assert float((acc.double() - (c.double() + exact)).abs().max()) <= tol * scale
     # a transposed view packs like its contiguous copy
-    twin = small_gemm.PackedMatrix(b.t().contiguous().t(), m)
+    twin = small_gemm.PackedMatrix(b.t().contiguous().t())
     assert torch.equal(twin.data, packed.data)
 
 
@@ -52,14 +52,17 @@ def test_products_read_row_major_operands_of_their_shape_only():
     assert not small_gemm.applies(a, b, c.t().contiguous().t())
     assert not small_gemm.applies(a.float(), b, c) and not small_gemm.applies(a, b[:, :8], c[:, :8])
     assert not small_gemm.applies(torch.zeros(65, 64, dtype=torch.float64), b, torch.zeros(65, 48, dtype=b.dtype))
-    packed = small_gemm.PackedMatrix(b, 20)
+    packed = small_gemm.PackedMatrix(b)
     with pytest.raises(ValueError, match="no packed product"):
-        packed.into(a[:10], c[:10])  # packed for a batch of 20
+        packed.into(a[:, :10].contiguous(), c)  # a's columns are not B's rows
+    half = c[:10].clone()
+    packed.into(a[:10].contiguous(), half)()  # any batch: the same packs
+    assert torch.allclose(half, a[:10] @ b, rtol=1e-12, atol=1e-12)
 
 
 def test_link_points_each_product_at_the_next_packed_matrix():
     a, b, c = operands(20, 64, 64, torch.float32)
-    packs = [small_gemm.PackedMatrix(b * i, 20) for i in range(3)]
+    packs = [small_gemm.PackedMatrix(b * i) for i in range(3)]
     calls = [packs[0].into(a, c), print, packs[1].into(a, c, accumulate=True), packs[2].into(a, c, accumulate=True)]
     small_gemm.link(calls)
     nexts = [call.args[3] for call in calls if isinstance(call, small_gemm.Product)]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from earlyprop import step_plan
+from earlyprop.chain import StepFields
 from earlyprop.chain_layout import autocast_enabled
 from earlyprop.cost import Cost
 from earlyprop.interactions import Coupling, Dense, Lateral
@@ -66,7 +67,7 @@ class _Contrastive(LearningRule):
             network.check_state(state)
             start = state
         with torch.no_grad():  # bias + input drive: x stays clamped, so every phase of this batch shares it
-            static = network.static_fields(start)
+            static = StepFields(network.static_fields(start))
         free, diagnostics = self.relaxation.free(network, start, static=static, internal=True)
         nu1, nu2 = self.nudges(x.shape[0], generator, network.dtype, network.device)
         phases = self._phases(network, free, nu1, nu2, target, static)
@@ -128,7 +129,8 @@ class EquilibriumProp(_Contrastive):
         twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
         beta = torch.cat([torch.full((batch,), nu, dtype=network.dtype, device=network.device) for nu in (nu1, nu2)])
         both, _ = self.relaxation.nudged(network, [twice(t) for t in free], beta, twice(target), self.cost,
-                                         static=[twice(t) for t in static], internal=True)
+                                         static=StepFields([twice(t) for t in static], getattr(static, "packs", None)),
+                                         internal=True)
         return [[t[:batch] for t in both], [t[batch:] for t in both]]
 
     def _grads(self, network: Network, phase_1, phase_2, weights: float | Tensor,
