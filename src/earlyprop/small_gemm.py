@@ -6,8 +6,9 @@ At a batch of 20, MKL multiplies a 500 x 500 weight matrix at ~100 GFLOP/s on on
 every weight matrix in both directions, 4 MB for D, more than the core's 2 MB L2, so each product streams its
 matrix from L3 while it multiplies. Two products here (IR: :mod:`earlyprop.small_gemm_ir`):
 
-- :class:`PackedMatrix`: B packed in panels once (per phase), one register-blocked pass per panel and row block,
-  each prefetching the next panel (the next product's first one after the last: :func:`link`). D's four
+- :class:`PackedMatrix`: B packed in panels once (per training step: ``chain.StepFields``), one register-blocked
+  pass per panel and row block, each prefetching the next panel (the next product's first one after the last:
+  :func:`link`). D's four
   20 x 500 x 500 products per step: 144-149 GFLOP/s against MKL's 100-101 in the same loop.
 - :func:`times_transposed` / :func:`transposed_kernels`: ``a @ W^T`` reading W (the parameter, row-major) in
   place, no packing: x's drive 20 x 784 x 500 in 157 us against MKL's 208 (cache-flushed: 197 against 266).
