@@ -43,10 +43,13 @@ def _host() -> tuple[str, str, bool] | None:
     """(cpu name, features, AVX-512 present), or None without llvmlite."""
     if llvm is None:
         return None
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    features = llvm.get_host_cpu_features()
-    return llvm.get_host_cpu_name(), features.flatten(), bool(features.get("avx512f", False))
+    try:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        features = llvm.get_host_cpu_features()
+        return llvm.get_host_cpu_name(), features.flatten(), bool(features.get("avx512f", False))
+    except RuntimeError:  # a host LLVM cannot describe (llvmlite raises there): treated as absent, MKL multiplies
+        return None
 
 
 def installed() -> bool:

@@ -96,3 +96,17 @@ def test_products_by_a_transposed_matrix_read_in_place(m, k, n, dtype, tol, monk
     monkeypatch.setattr(small_gemm, "available", lambda: False)
     before = out.clone()
     assert not small_gemm.times_transposed(a, w, out) and torch.equal(out, before)
+
+
+def test_a_host_llvm_cannot_describe_leaves_the_products_off(monkeypatch):
+    def fail():
+        raise RuntimeError("no host features here")
+
+    monkeypatch.setattr(small_gemm.llvm, "get_host_cpu_features", fail)
+    small_gemm._host.cache_clear()
+    try:
+        assert not small_gemm.installed() and not small_gemm.available()
+    finally:
+        monkeypatch.undo()
+        small_gemm._host.cache_clear()
+    assert small_gemm.installed()
