@@ -153,7 +153,7 @@ def dot_ir(m: int, k: int, n: int, dtype: torch.dtype) -> str:
     """``mm(A, W, C)`` and ``addmm(...)``: C = / += A @ W^T, W (n x k) row-major (see the module's docstring).
     Blocks of W's rows outer (kept in L1 while every block of A's rows passes), the last one narrower."""
     ty = _Types(dtype)
-    rows = [(first, size) for first, size in _even_blocks(m, DOT_ROWS)]
+    rows = _even_blocks(m, DOT_ROWS)
     cols = _even_blocks(n, DOT_COLS)
     lines = list(ty.declarations)
     for accumulate in (False, True):
