@@ -79,8 +79,10 @@ class Chain:
         self.s = self.views(self.flat)
         self.hflat = self.h = None  # the torch loops' field buffer: prepare_torch_loops
         self.rbuf = self.pbuf = self.r = None  # rho(s) and rho'(s) of smooth rates, made on first use
-        self._operands: dict = {}  # (k, transposed) -> the products' right operands, torch's or packed, made on use
-        self._packs = getattr(static, "packs", None)  # those packed for this training step's phases (StepFields)
+        self._operands: dict = {}  # k -> W_k^T as torch multiplies by it (operand), made on use
+        # the packed weights (Chain.packed): this training step's (StepFields), else this phase's own
+        packs = getattr(static, "packs", None)  # (not `or {}`: the step's dict is empty until its first phase packs)
+        self._packs: dict = {} if packs is None else packs
         for k in range(1, n + 1):
             self.s[k].copy_(state[k])
         self.native = NativeChain(self, layout.kernels) if layout.kernels is not None else None
@@ -108,10 +110,10 @@ class Chain:
         (:data:`LONG_PHASE`: a long CPU phase, both layers row-major), made once per phase."""
         if not transposed:
             return self.w[k]
-        if (k, True) not in self._operands:
+        if k not in self._operands:
             copy = self._long_cpu_phase() and not self.unit_major[k] and not self.unit_major[k - 1]
-            self._operands[k, True] = self.w[k].t().contiguous() if copy else self.w[k].t()
-        return self._operands[k, True]
+            self._operands[k] = self.w[k].t().contiguous() if copy else self.w[k].t()
+        return self._operands[k]
 
     def _long_cpu_phase(self) -> bool:
         return (self.layout.device.type == "cpu" and self.graphs is None and self.steps is not None
@@ -144,16 +146,9 @@ class Chain:
         if not (self.layout.packed_products and self.graphs is None and small_gemm.fits(a, shape, out)):
             return None
         key = (k, transposed, self.w[k].data_ptr())
-        packed = self._packs.get(key) if self._packs is not None else None
-        if packed is None and (k, transposed, "packed") in self._operands:
-            packed = self._operands[k, transposed, "packed"]
-        if packed is None and self._long_cpu_phase():
-            packed = small_gemm.PackedMatrix(self.w[k].t() if transposed else self.w[k])
-            if self._packs is not None:
-                self._packs[key] = packed
-        if packed is not None:
-            self._operands[k, transposed, "packed"] = packed
-        return packed
+        if key not in self._packs and self._long_cpu_phase():
+            self._packs[key] = small_gemm.PackedMatrix(self.w[k].t() if transposed else self.w[k])
+        return self._packs.get(key)
 
     @staticmethod
     def of(network: Network, state: Sequence[Tensor], static: Sequence, nudge=None, native: bool = True,
